@@ -1,0 +1,1 @@
+"""On-disk formats: one module per format, each with a reader (and a writer where grokconv writes it)."""
