@@ -1,0 +1,89 @@
+"""Synthetic Grok-1 checkpoints in the release's exact on-disk format.
+
+Values have realistic ranges: int8 weights filling [-127, 127] per column (as an absmax quantizer
+leaves them) with bf16 scales per column and, for the row-parallel weights, per block of input rows;
+float32 embeddings, norms (around 1) and routers. Every file is drawn from its own seeded stream,
+so the same seed gives the same bytes, in any order and on any machine.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .config import CONFIG_FILE, GrokConfig
+from .formats.jax import CKPT_DIR, write_param_file
+from .schema import ParamSpec, param_specs
+from .tensor import BF16
+
+__all__ = ["synthesize", "synth_value"]
+
+# Weight gain (std of the dequantized weight times sqrt(fan-in)). Query and key are large so that
+# attention logits reach the 30*tanh(x/30) cap in small models; experts and projections are ~1.
+_GAIN = {"multi_head_attention/query": 4.0, "multi_head_attention/key": 4.0}
+_Q_STD = 255 / math.sqrt(24)  # std of the triangular int8 draw below
+_CHUNK = 1 << 26
+
+
+def _int8_block(rng: np.random.Generator, shape) -> np.ndarray:
+    """Triangular int8 in [-127, 127] (a cheap bell shape), each column reaching +-127 somewhere."""
+    n = math.prod(shape)
+    a = np.frombuffer(rng.bytes(n), np.uint8)
+    b = np.frombuffer(rng.bytes(n), np.uint8)
+    q = ((a >> 1) + (b >> 1)).astype(np.int16) - 127  # 0..254 -> -127..127
+    q = q.astype(np.int8).reshape(shape)
+    q[..., 0, :] = 127 * np.sign(q[..., 0, :] + 0.5).astype(np.int8)  # amax 127 per column, as absmax leaves it
+    return q
+
+
+def synth_value(spec: ParamSpec, cfg: GrokConfig, seed: int):
+    """The value of one parameter: ``(weight_chunks, scales)`` for int8, or float32 chunks."""
+    rng = np.random.default_rng([seed, spec.index])
+    if spec.kind == "qw8":
+        K, N, G = spec.shape[-2], spec.shape[-1], spec.scale_groups
+        gain = _GAIN.get(spec.slot, 1.0)
+        base = gain / math.sqrt(K) / _Q_STD
+        jitter = rng.lognormal(0.0, 0.25, size=spec.scale_shape)
+        scales = (base * jitter).astype(np.float32).astype(BF16)
+        lead = spec.shape[:-2]
+        rows = max(1, _CHUNK // N)
+
+        def chunks():
+            for e in np.ndindex(*lead) if lead else [()]:
+                for r0 in range(0, K, rows):
+                    sub = np.random.default_rng([seed, spec.index, *e, r0])
+                    yield _int8_block(sub, (min(rows, K - r0), N))
+        return chunks(), scales
+    if spec.slot == "language_model/in_out_embed":
+        V, D = spec.shape
+        rows = max(1, _CHUNK // D)
+
+        def emb():
+            for r0 in range(0, V, rows):
+                sub = np.random.default_rng([seed, spec.index, r0])
+                yield (sub.standard_normal((min(rows, V - r0), D), dtype=np.float32) * (5 / math.sqrt(D)))
+        return emb()
+    if spec.slot == "router":
+        D = spec.shape[0]
+        return rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(4 / math.sqrt(D))
+    return (1.0 + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)  # a norm scale
+
+
+def synthesize(out: Path, cfg: GrokConfig, *, seed: int = 0, layers=None, progress=None) -> Path:
+    """Write a complete checkpoint (``out/ckpt-0/*`` and ``out/grokconv-config.json``)."""
+    out = Path(out)
+    d = out / CKPT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    cfg.validate().save(out / CONFIG_FILE)
+    wanted = None if layers is None else set(layers)
+    for spec in param_specs(cfg):
+        if wanted is not None and spec.layer is not None and spec.layer not in wanted:
+            continue
+        if (d / spec.file).exists():  # resumable: files are written atomically, so an existing one is whole
+            continue
+        value = synth_value(spec, cfg, seed)
+        write_param_file(d / spec.file, spec, value)
+        if progress:
+            progress(spec)
+    return out
