@@ -1,0 +1,149 @@
+"""safetensors files: a validating header reader with mmap views, and a streaming writer.
+
+The safetensors library has no streaming write (its maintainers: "we cannot do partial/streamed
+saves"), and its numpy reader cannot return F8 tensors. Both are small given the format's rules:
+8-byte little-endian header length N, N bytes of JSON padded with spaces, then the data buffer,
+whose tensors tile it exactly with no holes and no trailing bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import CheckpointFormatError, TruncatedFileError
+
+__all__ = ["DTYPES", "TensorInfo", "read_header", "SafetensorsFile", "ShardPlan", "build_header"]
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+MAX_HEADER = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple
+    begin: int      # within the data buffer
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path) -> tuple[dict[str, TensorInfo], dict, int]:
+    """Parse and validate a header: (tensors, __metadata__, data start). One error per broken rule."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise TruncatedFileError("shorter than the 8-byte header length", path=path)
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise TruncatedFileError(f"header length {n} does not fit the file ({size} bytes)", path=path)
+        raw = f.read(n)
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"header is not valid JSON: {e}", path=path) from None
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError("header is not a JSON object", path=path)
+    meta = obj.pop("__metadata__", {}) or {}
+    tensors = {}
+    for name, t in obj.items():
+        try:
+            dtype, shape, (b, e) = t["dtype"], tuple(int(d) for d in t["shape"]), t["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointFormatError(f"tensor {name!r}: malformed header entry", path=path) from None
+        if dtype not in DTYPES:
+            raise CheckpointFormatError(f"tensor {name!r}: unsupported dtype {dtype}", path=path)
+        if e - b != math.prod(shape) * DTYPES[dtype].itemsize:
+            raise CheckpointFormatError(f"tensor {name!r}: {e - b} bytes for shape {list(shape)} of {dtype}", path=path)
+        tensors[name] = TensorInfo(name, dtype, shape, b, e)
+    pos = 0
+    for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin != pos:
+            raise CheckpointFormatError(f"tensor {t.name!r}: data starts at {t.begin}, expected {pos} "
+                                        "(holes or overlaps)", path=path)
+        pos = t.end
+    if 8 + n + pos != size:
+        cls = TruncatedFileError if 8 + n + pos > size else CheckpointFormatError
+        raise cls(f"data buffer should end at byte {8 + n + pos}, file has {size} bytes", path=path)
+    return tensors, meta, 8 + n
+
+
+class SafetensorsFile:
+    """Read-only zero-copy views of a safetensors file's tensors (F8 and BF16 included)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.tensors, self.metadata, self.data_start = read_header(self.path)
+        self._mm = None
+
+    def array(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(self.path) else b""
+        dt = DTYPES[t.dtype]
+        return np.frombuffer(self._mm, dtype=dt, count=math.prod(t.shape),
+                             offset=self.data_start + t.begin).reshape(t.shape)
+
+
+def _align(dtype: str) -> int:
+    return DTYPES[dtype].itemsize
+
+
+@dataclass
+class ShardPlan:
+    """One output file: its tensors in data order, header bytes, and each tensor's absolute offset."""
+    filename: str
+    tensors: list          # [(name, dtype, shape)]
+    metadata: dict
+
+    def __post_init__(self):
+        self.header, self.offsets = build_header(self.tensors, self.metadata)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(math.prod(s) * DTYPES[d].itemsize for _, d, s in self.tensors)
+
+    @property
+    def data_bytes(self) -> int:
+        return self.size - len(self.header)
+
+
+def build_header(tensors, metadata) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (length prefix included) and absolute file offsets.
+
+    Tensors are ordered by descending alignment, then by their given order, so every tensor starts
+    aligned to its dtype; the JSON is padded with spaces to a multiple of 8, as the library does.
+    """
+    order = sorted(range(len(tensors)), key=lambda i: (-_align(tensors[i][1]), i))
+    entries, pos, rel = {}, 0, {}
+    if metadata:
+        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for i in order:
+        name, dtype, shape = tensors[i]
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        rel[name] = pos
+        pos += nbytes
+    js = json.dumps(entries, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    header = struct.pack("<Q", len(js)) + js
+    return header, {k: len(header) + v for k, v in rel.items()}

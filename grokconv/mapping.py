@@ -1,0 +1,162 @@
+"""Layouts as data: ``mappings/<layout>.json`` names each canonical parameter's target(s).
+
+An entry is ``{"from": canonical template, "to": target template, "role": ..., "transpose": bool,
+"experts": "split"}`` with ``{L}`` for the layer and ``{E}`` for the expert. The same entries run
+backwards: target names are parsed with the compiled templates. The layout's ``config`` block is the
+``config.json`` its consumer reads, with ``"{field}"`` strings filled from :class:`GrokConfig`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .config import GrokConfig
+from .errors import LayoutError
+from .schema import ParamSpec, param_specs
+
+__all__ = ["Layout", "Target", "load_layout", "layout_names", "MAPPINGS_DIR", "detect_layout"]
+
+MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
+ROLES = ("embedding", "norm", "router", "linear")
+
+
+@dataclass(frozen=True)
+class Entry:
+    source: str          # canonical template
+    target: str          # target template
+    role: str
+    transpose: bool
+    split_experts: bool
+
+    @property
+    def regex(self) -> re.Pattern:
+        return _compile(self.target)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target tensor of one canonical parameter."""
+    name: str
+    source: str          # canonical name
+    index: int | None    # expert index along the canonical lead axis
+    role: str
+    transpose: bool
+    shape: tuple         # target shape
+
+    @property
+    def module(self) -> str:
+        return self.name[: -len(".weight")] if self.name.endswith(".weight") else self.name
+
+
+@lru_cache(maxsize=None)
+def _compile(template: str) -> re.Pattern:
+    pat = re.escape(template).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+    return re.compile(f"^{pat}$")
+
+
+class Layout:
+    def __init__(self, data: dict, path: Path | None = None):
+        self.name = data["layout"]
+        self.description = data.get("description", "")
+        self.config_template = data.get("config", {})
+        self.entries = []
+        for e in data["tensors"]:
+            if e.get("role") not in ROLES:
+                raise LayoutError(f"entry {e.get('from')!r} has role {e.get('role')!r}; roles: {ROLES}", path=path)
+            self.entries.append(Entry(e["from"], e["to"], e["role"], bool(e.get("transpose")),
+                                      e.get("experts") == "split"))
+        self._by_source = {_compile(e.source): e for e in self.entries}
+
+    # -- forward -------------------------------------------------------------------------------
+    def entry_for(self, canonical: str) -> tuple[Entry, dict]:
+        for rx, e in self._by_source.items():
+            m = rx.match(canonical)
+            if m:
+                return e, m.groupdict()
+        raise LayoutError(f"layout {self.name!r} has no entry for {canonical!r}")
+
+    def targets(self, spec: ParamSpec) -> list[Target]:
+        e, groups = self.entry_for(spec.name)
+        shape2 = spec.shape[-2:] if len(spec.shape) >= 2 else spec.shape
+        shape = tuple(reversed(shape2)) if e.transpose else tuple(shape2)
+        if e.split_experts:
+            return [Target(e.target.format(E=i, **groups), spec.name, i, e.role, e.transpose, shape)
+                    for i in range(spec.shape[0])]
+        if len(spec.shape) > 2:
+            raise LayoutError(f"{spec.name}: stacked tensor needs experts: split in layout {self.name!r}")
+        return [Target(e.target.format(**groups), spec.name, None, e.role, e.transpose, shape)]
+
+    def plan(self, cfg: GrokConfig, layers=None) -> list[Target]:
+        """Every target, in output order: embeddings, layers in numeric order, final norm.
+
+        Checks coverage: every canonical parameter maps, and no two map to one name.
+        """
+        wanted = None if layers is None else set(layers)
+        specs = [s for s in param_specs(cfg) if wanted is None or s.layer is None or s.layer in wanted]
+        order = {"language_model/in_out_embed/embeddings": (-1, 0)}
+        specs.sort(key=lambda s: order.get(s.name, (s.layer if s.layer is not None else 1 << 30, s.index)))
+        out, seen = [], {}
+        for s in specs:
+            for t in self.targets(s):
+                if t.name in seen:
+                    raise LayoutError(f"layout {self.name!r} maps both {seen[t.name]} and {s.name} to {t.name}")
+                seen[t.name] = s.name
+                out.append(t)
+        return out
+
+    # -- backward ------------------------------------------------------------------------------
+    def parse(self, name: str) -> tuple[Entry, str, int | None] | None:
+        """Target name -> (entry, canonical name, expert index) or None."""
+        for e in self.entries:
+            m = e.regex.match(name)
+            if m:
+                g = m.groupdict()
+                canonical = e.source.format(L=g["L"]) if "L" in g else e.source
+                return e, canonical, int(g["E"]) if "E" in g else None
+        return None
+
+    def hf_config(self, cfg: GrokConfig) -> dict:
+        values = cfg.to_dict()
+
+        def fill(v):
+            if isinstance(v, str) and v.startswith("{") and v.endswith("}") and v[1:-1] in values:
+                return values[v[1:-1]]
+            if isinstance(v, dict):
+                return {k: fill(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [fill(x) for x in v]
+            return v
+        return fill(self.config_template)
+
+
+def layout_names() -> list[str]:
+    return sorted(p.stem for p in MAPPINGS_DIR.glob("*.json"))
+
+
+@lru_cache(maxsize=None)
+def load_layout(name: str) -> Layout:
+    path = MAPPINGS_DIR / f"{name}.json"
+    if not path.exists():
+        raise LayoutError(f"unknown layout {name!r}; available: {', '.join(layout_names())}")
+    try:
+        return Layout(json.loads(path.read_text()), path)
+    except (KeyError, json.JSONDecodeError) as e:
+        raise LayoutError(f"malformed mapping file: {e}", path=path) from None
+
+
+def detect_layout(names, candidates=None) -> Layout:
+    """The layout whose templates parse every one of ``names`` (module names, ``.weight`` form)."""
+    best, best_hits = None, -1
+    for ln in candidates or layout_names():
+        lay = load_layout(ln)
+        hits = sum(1 for n in names if lay.parse(n) is not None)
+        if hits == len(names) and hits > 0:
+            return lay
+        if hits > best_hits:
+            best, best_hits = lay, hits
+    unknown = [n for n in names if best is None or best.parse(n) is None][:3]
+    raise LayoutError(f"no layout in mappings/ names every tensor; e.g. {unknown} "
+                      f"(closest: {best.name if best else None}, {best_hits}/{len(names)} names)")
