@@ -1,0 +1,363 @@
+"""One call carries a conversion: reader -> mapping -> encoding -> streaming safetensors writer.
+
+1. Plan from metadata only: every output tensor, its dtype, shape, shard and byte offset. Coverage
+   is checked (every canonical parameter maps once) before a byte is written.
+2. Execute shard by shard. A shard is written under ``*.incomplete``: header first, then each
+   tensor's rows straight to their offsets (``pwrite``), by a pool of workers; renamed when whole.
+   A shard already on disk whose header equals the plan is complete and is skipped (resume).
+3. Write ``config.json``, the tokenizer, the error report, and last the index.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import CONFIG_FILE
+from .errors import CheckpointFormatError, LayoutError
+from .export import ENCODINGS, Encoding, SourceRows, encode_chunk, encoding_for, tensor_amax
+from .formats.atomic import TMP_SUFFIX, atomic_write_text
+from .formats.base import CheckpointReader, open_checkpoint
+from .formats.safetensors_io import DTYPES, ShardPlan, read_header
+from .mapping import Layout, Target, load_layout
+from .tensor import QInt8, from_torch
+
+__all__ = ["ConversionPlan", "plan_conversion", "to_safetensors", "Summary", "parse_size", "INDEX_FILE",
+           "REPORT_FILE", "peak_rss_bytes"]
+
+INDEX_FILE = "model.safetensors.index.json"
+REPORT_FILE = "grokconv-report.json"
+
+
+def parse_size(text) -> int:
+    if isinstance(text, (int, float)):
+        return int(text)
+    t = str(text).strip().upper().replace("IB", "I")
+    units = {"KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40, "KB": 10 ** 3, "MB": 10 ** 6,
+             "GB": 10 ** 9, "TB": 10 ** 12, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "B": 1}
+    for u, mult in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * mult)
+    return int(float(t))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Job:
+    target: Target
+    encoding: Encoding
+    outputs: list          # [(name, dtype, shape)]
+    shard: int = 0
+
+
+@dataclass
+class ConversionPlan:
+    layout: Layout
+    quantize: str
+    jobs: list
+    shards: list           # [ShardPlan]
+    quantization_config: dict | None
+    group_size: int
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    def weight_map(self) -> dict:
+        return {n: self.shards[j.shard].filename for j in self.jobs for n, _, _ in j.outputs}
+
+
+def int8_group_size(cfg) -> int:
+    """Largest group size vLLM's Marlin kernel takes (128, 64, 32) that divides every row block, so
+    each original scale block becomes whole groups and nothing is lost."""
+    blocks = [cfg.emb_size, cfg.q_size // cfg.model_axis, cfg.ffn_size // cfg.model_axis]
+    for g in (128, 64, 32):
+        if all(b % g == 0 for b in blocks):
+            return g
+    raise LayoutError(f"row blocks {blocks} are not divisible by 32: no lossless compressed-tensors group size")
+
+
+def plan_conversion(reader: CheckpointReader, layout: str = "hf", quantize: str = "none", *,
+                    fp8_scheme: str = "channel", fp8_format: str = "compressed-tensors", layers=None,
+                    max_shard_size="5GB") -> ConversionPlan:
+    if quantize not in ENCODINGS:
+        raise LayoutError(f"unknown --quantize {quantize!r}; choose one of {', '.join(ENCODINGS)}")
+    if fp8_scheme not in ("tensor", "channel", "block"):
+        raise LayoutError(f"unknown --fp8-scheme {fp8_scheme!r}; choose tensor, channel or block")
+    cfg = reader.config
+    lay = load_layout(layout)
+    layers = reader.layers if layers is None else layers
+    missing = sorted(set(layers) - set(reader.layers))
+    if missing:
+        raise LayoutError(f"layers {missing} are not in the source (it holds {len(reader.layers)} layers)",
+                          path=reader.path)
+    gs = int8_group_size(cfg) if quantize == "int8" else 128
+    encs: dict[str, Encoding] = {}
+    jobs = []
+    for t in lay.plan(cfg, layers):
+        if t.role not in encs:
+            encs[t.role] = encoding_for(quantize, t.role, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
+                                        group_size=gs)
+        enc = encs[t.role]
+        if enc.kind == "int8-pack" and t.shape[1] % 4:
+            raise LayoutError(f"{t.name}: input size {t.shape[1]} is not a multiple of 4 (int32 packing)")
+        jobs.append(Job(t, enc, enc.outputs(t)))
+    limit = parse_size(max_shard_size)
+    groups, cur, cur_size = [], [], 0
+    for j in jobs:
+        size = sum(math.prod(s) * DTYPES[d].itemsize for _, d, s in j.outputs)
+        if cur and cur_size + size > limit:
+            groups.append(cur)
+            cur, cur_size = [], 0
+        cur.append(j)
+        cur_size += size
+    if cur:
+        groups.append(cur)
+    shards = []
+    for k, group in enumerate(groups):
+        for j in group:
+            j.shard = k
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        shards.append(ShardPlan(name, [o for j in group for o in j.outputs], {"format": "pt"}))
+    return ConversionPlan(lay, quantize, jobs, shards, _quant_config(quantize, encs, lay, reader, gs), gs)
+
+
+def _quant_config(quantize, encs, lay: Layout, reader, gs) -> dict | None:
+    if quantize == "none":
+        return None
+    ignore = ["lm_head"] + sorted({"re:" + e.target.replace(".", r"\.").replace("{L}", r"\d+")
+                                   .removesuffix(r"\.weight") + "$" for e in lay.entries if e.role == "router"})
+    enc = encs.get("linear")
+    if enc is None:
+        return None
+    if enc.kind == "int8-pack":
+        weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": gs,
+                   "dynamic": False}
+        return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                              "output_activations": None, "format": "pack-quantized"}},
+                "ignore": ignore, "kv_cache_scheme": None}
+    if enc.scale_name == "weight_scale_inv":   # DeepSeek / transformers FineGrainedFP8
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(enc.block), "modules_to_not_convert": ignore,
+                "ignored_layers": ignore}
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": enc.scheme, "dynamic": False}
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+    if enc.scheme == "block":
+        weights["block_structure"] = list(enc.block)
+        acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": enc.block[1],
+                "dynamic": True}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                          "output_activations": None, "format": "float-quantized"}},
+            "ignore": ignore, "kv_cache_scheme": None}
+
+
+@dataclass
+class Summary:
+    tensors: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss: int = 0
+    errors: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9)
+
+
+class _ErrAcc:
+    """float64 accumulation of error statistics over chunks."""
+
+    def __init__(self):
+        self.sq_err = self.sq_ref = 0.0
+        self.max_abs = self.amax = 0.0
+        self.lock = threading.Lock()
+
+    def update(self, ref: torch.Tensor, approx: torch.Tensor):
+        d = (approx.double() - ref.double())
+        with self.lock:
+            self.sq_err += float((d * d).sum())
+            self.sq_ref += float((ref.double() ** 2).sum())
+            self.max_abs = max(self.max_abs, float(d.abs().max())) if d.numel() else self.max_abs
+            self.amax = max(self.amax, float(ref.abs().max())) if ref.numel() else self.amax
+
+    def result(self) -> dict:
+        rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref else 0.0
+        sqnr = float("inf") if self.sq_err == 0 else 10 * math.log10(self.sq_ref / self.sq_err) if self.sq_ref else 0.0
+        return {"rel_l2": rel, "sqnr_db": sqnr, "max_abs": self.max_abs, "amax": self.amax}
+
+
+def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on_bytes, errors: dict):
+    t, enc = job.target, job.encoding
+    value = reader.load(t.source, t.index)
+    ctx = {"measure": measure}
+    if enc.kind == "fp8" and enc.scheme == "tensor":
+        from .quant.fp8 import FP8_MAX
+        amax = tensor_amax(value)
+        scale = torch.tensor([amax / FP8_MAX if amax > 0 else 1.0], dtype=torch.float32)
+        if enc.scale_dtype == "BF16":
+            from .export import _round_scale_up
+            scale = _round_scale_up(scale)
+        ctx["tensor_scale"] = scale.to(device)
+    acc = _ErrAcc() if (measure or enc.kind != "float") else None
+    ctx["measure"] = acc is not None
+    rows = t.shape[0]
+    step = enc.rows_per_chunk(t) if len(t.shape) > 1 else rows
+    dtypes = {n: d for n, d, _ in job.outputs}
+    shapes = {n: s for n, _, s in job.outputs}
+    smin, smax = math.inf, -math.inf
+    for r0 in range(0, rows, step):
+        src = SourceRows(value, t.transpose, r0, min(rows, r0 + step), device)
+        outs, pair = encode_chunk(enc, src, t, ctx)
+        for name, first, tens in outs:
+            arr = from_torch(tens)
+            if arr.dtype != DTYPES[dtypes[name]]:
+                arr = arr.view(DTYPES[dtypes[name]]) if arr.itemsize == DTYPES[dtypes[name]].itemsize else \
+                    arr.astype(DTYPES[dtypes[name]])
+            row_bytes = math.prod(shapes[name][1:]) * DTYPES[dtypes[name]].itemsize if len(shapes[name]) > 1 \
+                else DTYPES[dtypes[name]].itemsize
+            data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+            os.pwrite(fd, data, offsets[name] + first * row_bytes)
+            on_bytes(data.nbytes)
+            if name.endswith(("weight_scale", "weight_scale_inv")):
+                smin, smax = min(smin, float(tens.float().min())), max(smax, float(tens.float().max()))
+        if acc is not None and pair is not None:
+            acc.update(*pair)
+    if acc is not None:
+        res = acc.result()
+        if smin <= smax:
+            res["scale_min"], res["scale_max"] = smin, smax
+        errors[t.name] = res
+    release = getattr(reader, "release", None)
+    if release:
+        release(t.source)
+    return _source_bytes(value)
+
+
+def _source_bytes(value) -> int:
+    if isinstance(value, QInt8):
+        return value.weight.nbytes + value.scales.nbytes
+    return np.asarray(value).nbytes
+
+
+def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_scheme: str = "channel",
+                   fp8_format: str = "compressed-tensors", layers=None, max_shard_size="5GB", workers: int = 2,
+                   device: str = "cpu", dry_run: bool = False, progress: bool = True, measure: bool = False,
+                   echo=print) -> Summary | ConversionPlan:
+    """Convert any readable checkpoint to sharded safetensors in ``layout``; returns a :class:`Summary`."""
+    reader = open_checkpoint(src, layers=layers)
+    plan = plan_conversion(reader, layout, quantize, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
+                           layers=layers, max_shard_size=max_shard_size)
+    if dry_run:
+        return plan
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for stale in dst.glob(f"*{TMP_SUFFIX}"):
+        stale.unlink()
+    dev = _device(device)
+    summary = Summary()
+    t0 = time.perf_counter()
+    total = sum(s.size for s in plan.shards)
+    bar = _progress(total, progress)
+    lock = threading.Lock()
+
+    def on_bytes(n):
+        with lock:
+            summary.bytes_written += n
+            bar.update(n)
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)) if workers > 1 else os.cpu_count() or 1)
+    errors: dict = {}
+    try:
+        for k, shard in enumerate(plan.shards):
+            final = dst / shard.filename
+            if _complete(final, shard):
+                summary.shards_skipped += 1
+                bar.update(shard.size)
+                continue
+            tmp = final.with_name(final.name + TMP_SUFFIX)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, shard.size)
+                os.pwrite(fd, shard.header, 0)
+                on_bytes(len(shard.header))
+                jobs = [j for j in plan.jobs if j.shard == k]
+                with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                    futs = [pool.submit(_run_job, reader, j, fd, shard.offsets, dev, measure, on_bytes, errors)
+                            for j in jobs]
+                    for f in futs:
+                        summary.bytes_read += f.result()
+                summary.tensors += sum(len(j.outputs) for j in jobs)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+            os.close(fd)
+            os.replace(tmp, final)
+            summary.shards_written += 1
+    finally:
+        bar.close()
+    _write_sidecars(reader, plan, dst)
+    summary.seconds = time.perf_counter() - t0
+    summary.peak_rss = peak_rss_bytes()
+    summary.errors = errors
+    if errors or quantize != "none":
+        atomic_write_text(dst / REPORT_FILE, json.dumps(
+            {"quantize": quantize, "fp8_scheme": fp8_scheme if quantize == "fp8" else None,
+             "reference": "float32 int8*scale (exact dequantization of the source)", "tensors": errors},
+            indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+def _complete(path: Path, shard: ShardPlan) -> bool:
+    if not path.exists() or path.stat().st_size != shard.size:
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(shard.header)) == shard.header
+
+
+def _write_sidecars(reader, plan: ConversionPlan, dst: Path) -> None:
+    cfg = reader.config
+    hf = plan.layout.hf_config(cfg)
+    if plan.quantization_config:
+        hf["quantization_config"] = plan.quantization_config
+    atomic_write_text(dst / "config.json", json.dumps(hf, indent=2) + "\n")
+    cfg.save(dst / CONFIG_FILE)
+    for cand in (reader.path / "tokenizer.model", reader.path.parent / "tokenizer.model"):
+        if cand.exists() and not (dst / "tokenizer.model").exists():
+            shutil.copyfile(cand, dst / "tokenizer.model")
+            break
+    index = {"metadata": {"total_size": plan.total_size, "layout": plan.layout.name},
+             "weight_map": dict(sorted(plan.weight_map().items()))}
+    atomic_write_text(dst / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointFormatError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)

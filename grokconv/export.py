@@ -1,0 +1,204 @@
+"""Target encodings: how one mapped tensor becomes bytes, a chunk of output rows at a time.
+
+Each :class:`Encoding` names the tensors it writes for a module (``X.weight`` alone for bf16;
+``X.weight_packed`` + ``X.weight_scale`` + ``X.weight_shape`` for compressed-tensors int8;
+``X.weight`` + ``X.weight_scale`` for fp8 ...) and turns rows of the source into rows of those
+tensors. Sources arrive in canonical ``[in, out]`` layout; targets are ``[out, in]``, so output rows
+are source columns: each chunk is read strided, widened to bf16/f32 (fast on the CPU), scaled and
+transposed in one pass, and written contiguous.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .mapping import Target
+from .tensor import QInt8, to_torch
+
+__all__ = ["Encoding", "ENCODINGS", "encoding_for", "SourceRows", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 48 << 20   # float32 working set per chunk
+
+
+@dataclass
+class SourceRows:
+    """Rows ``r0:r1`` of a target, read from its canonical source on ``device``."""
+    value: object        # QInt8 (2-D slice) or ndarray, canonical orientation
+    transpose: bool
+    r0: int
+    r1: int
+    device: torch.device
+
+    def _cols(self, a: np.ndarray) -> torch.Tensor:
+        """Source columns r0:r1 (or rows, untransposed), as a torch view, not yet contiguous."""
+        sub = a[..., self.r0:self.r1] if self.transpose else a[self.r0:self.r1]
+        return to_torch(sub).to(self.device, non_blocking=True)
+
+    def exact(self, dtype=torch.float32) -> torch.Tensor:
+        """Exact dequantized rows ``[R, in]`` (``bf16`` gives the reference's ``bf16(int8 * scale)``)."""
+        v = self.value
+        if isinstance(v, QInt8):
+            w = self._cols(v.weight) if self.transpose else self._cols(v.weight)
+            s = self._cols(v.scales) if self.transpose else to_torch(v.scales).to(self.device)
+            G = s.shape[0]
+            if self.transpose:  # w [K, R], s [G, R]
+                K, R = w.shape
+                x = w.to(dtype).view(G, K // G, R) * s.to(dtype).view(G, 1, R)
+                return x.view(K, R).t().contiguous()
+            R, N = w.shape      # untransposed int8 target (not used by the shipped layouts)
+            K = v.weight.shape[0]
+            blk = K // G
+            rows = torch.arange(self.r0, self.r1, device=self.device) // blk
+            return (w.to(dtype) * s.to(dtype)[rows]).contiguous()
+        t = self._cols(v)
+        t = t.t() if self.transpose and t.dim() == 2 else t
+        return t.to(dtype).contiguous()
+
+    def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw int8 rows ``[R, in]`` and their scales ``[R, G]`` (source must be QInt8, transposed)."""
+        v = self.value
+        w = self._cols(v.weight)
+        q = w.to(torch.int16).t().contiguous().to(torch.int8)   # int16 transposes ~4x faster than int8 here
+        s = self._cols(v.scales).t().contiguous()
+        return q, s
+
+
+@dataclass
+class Encoding:
+    """How a role's tensors are written. ``kind`` selects the row transform."""
+    name: str
+    kind: str                      # "float", "int8-pack", "fp8"
+    dtype: str = "BF16"            # safetensors dtype of the main tensor
+    scheme: str | None = None      # fp8: tensor / channel / block; int8: group
+    scale_name: str = "weight_scale"
+    scale_dtype: str = "BF16"
+    group_size: int = 128
+    block: tuple = (128, 128)
+    params: dict = field(default_factory=dict)
+
+    # -- names and shapes ----------------------------------------------------------------------
+    def outputs(self, t: Target) -> list[tuple[str, str, tuple]]:
+        if self.kind == "float":
+            return [(t.name, self.dtype, t.shape)]
+        out, inn = t.shape
+        m = t.module
+        if self.kind == "int8-pack":
+            return [(f"{m}.weight_packed", "I32", (out, inn // 4)),
+                    (f"{m}.weight_scale", self.scale_dtype, (out, inn // self.group_size)),
+                    (f"{m}.weight_shape", "I64", (2,))]
+        shape = {"tensor": (1,), "channel": (out, 1),
+                 "block": (math.ceil(out / self.block[0]), math.ceil(inn / self.block[1]))}[self.scheme]
+        return [(f"{m}.weight", "F8_E4M3", t.shape), (f"{m}.{self.scale_name}", self.scale_dtype, shape)]
+
+    def rows_per_chunk(self, t: Target) -> int:
+        row = max(1, math.prod(t.shape[1:]) if len(t.shape) > 1 else 1)
+        r = max(1, CHUNK_BYTES // (4 * row))
+        if self.kind == "fp8" and self.scheme == "block":
+            r = max(self.block[0], r // self.block[0] * self.block[0])
+        elif r > 64:
+            r = r // 64 * 64
+        return min(r, t.shape[0])
+
+
+def encoding_for(quantize: str, role: str, *, fp8_scheme: str = "channel", fp8_format: str = "compressed-tensors",
+                 group_size: int = 128) -> Encoding:
+    """The encoding of a role under a ``--quantize`` choice (the table in ``ENCODINGS``)."""
+    key = ENCODINGS[quantize].get(role)
+    if key is None:
+        raise KeyError(f"no encoding for role {role!r} under --quantize {quantize}")
+    if key == "fp8":
+        if fp8_format == "fp8":
+            if fp8_scheme != "block":
+                raise ValueError("--fp8-format fp8 (DeepSeek style) stores 128x128 blocks only: use --fp8-scheme block")
+            return Encoding("fp8-block-inv", "fp8", scheme="block", scale_name="weight_scale_inv", scale_dtype="F32")
+        return Encoding(f"fp8-{fp8_scheme}", "fp8", scheme=fp8_scheme, scale_dtype="BF16")
+    if key == "int8-pack":
+        return Encoding("int8-pack", "int8-pack", scheme="group", group_size=group_size)
+    return Encoding(key, "float", dtype=key)
+
+
+# --quantize choice -> role -> encoding. Unquantized roles keep the precision the reference computes
+# with: embeddings are used in bf16, norms and the router in float32 (grok1-checkpoint.md section 4).
+ENCODINGS = {
+    "none": {"linear": "BF16", "embedding": "BF16", "norm": "F32", "router": "F32"},
+    "int8": {"linear": "int8-pack", "embedding": "F32", "norm": "F32", "router": "F32"},
+    "fp8": {"linear": "fp8", "embedding": "BF16", "norm": "F32", "router": "F32"},
+}
+
+
+def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):
+    """Rows of every output tensor for source rows ``src.r0:src.r1``.
+
+    Returns ``[(name, first_row, tensor)]`` and ``(reference_f32, dequantized_f32)`` for the error
+    report (``None`` when the encoding is exact by construction and ``ctx['measure']`` is off).
+    """
+    names = [n for n, _, _ in enc.outputs(t)]
+    r0 = src.r0
+    if enc.kind == "float":
+        want = {"BF16": torch.bfloat16, "F32": torch.float32}[enc.dtype]
+        if isinstance(src.value, QInt8) and want == torch.bfloat16:
+            rows = src.exact(torch.bfloat16)       # bf16(int8 * scale) in one rounding, as the reference
+        else:
+            rows = src.exact(torch.float32).to(want)
+        pair = (src.exact(torch.float32), rows.float()) if ctx.get("measure") else None
+        return [(names[0], r0, rows)], pair
+    if enc.kind == "int8-pack":
+        from .quant.int8 import dequantize_int8, int8_scales, pack_int8, quantize_int8
+        if isinstance(src.value, QInt8):           # lossless: the original int8 and its scales
+            q, s = src.int8()
+            reps = (q.shape[1] // s.shape[1]) // enc.group_size
+            scale = s.repeat_interleave(reps, dim=1)
+        else:                                      # a float source: re-quantize per group
+            w = src.exact(torch.float32)
+            scale = int8_scales(w, "group", enc.group_size).to(torch.bfloat16)
+            q = quantize_int8(w, scale.float(), "group", enc.group_size)
+        out = [(names[0], r0, pack_int8(q)), (names[1], r0, scale.to(torch.bfloat16))]
+        if r0 == 0:
+            out.append((names[2], 0, torch.tensor(list(t.shape), dtype=torch.int64)))
+        pair = None
+        if ctx.get("measure"):
+            pair = (src.exact(torch.float32),
+                    dequantize_int8(q, scale.to(torch.bfloat16).float(), "group", enc.group_size))
+        return out, pair
+    # fp8
+    from .quant.fp8 import dequantize_fp8, fp8_scales, quantize_fp8
+    w = src.exact(torch.float32)
+    if enc.scheme == "tensor":
+        scale = ctx["tensor_scale"]
+    else:
+        scale = fp8_scales(w, enc.scheme, enc.block)
+        if enc.scale_dtype == "BF16":
+            scale = _round_scale_up(scale)
+    q = quantize_fp8(w, scale, enc.scheme, enc.block)
+    out = [(names[0], r0, q)]
+    if enc.scheme != "tensor":
+        srow = r0 // enc.block[0] if enc.scheme == "block" else r0
+        out.append((names[1], srow, scale.to(torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32)))
+    elif r0 == 0:
+        out.append((names[1], 0, scale.reshape(1).to(torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32)))
+    return out, (w, dequantize_fp8(q, scale, enc.scheme, enc.block))
+
+
+def _round_scale_up(scale: torch.Tensor) -> torch.Tensor:
+    """Scales stored as bf16 are rounded up to the next bf16, so ``|w| / scale <= 448`` still holds
+    and the stored scale is exactly the one used to quantize."""
+    b = scale.to(torch.bfloat16)
+    lo = b.float() < scale
+    if lo.any():
+        bits = b.view(torch.int16)
+        b = torch.where(lo, (bits + 1).view(torch.bfloat16), b)  # positive finite: next representable
+    return b.float()
+
+
+def tensor_amax(value) -> float:
+    """max |w| of a whole tensor, from int8 and scales without dequantizing it (per-tensor fp8)."""
+    if isinstance(value, QInt8):
+        w, s = to_torch(value.weight), to_torch(value.scales).float()
+        K, N = w.shape
+        G = s.shape[0]
+        colmax = w.reshape(G, K // G, N).to(torch.int16).abs().amax(dim=1).float()  # int8 abs(-128) wraps
+        return float((colmax * s.abs()).max())
+    return float(to_torch(np.asarray(value)).float().abs().max())
