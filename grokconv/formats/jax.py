@@ -156,7 +156,8 @@ def write_param_file(path: Path, spec: ParamSpec, value) -> int:
     """Write one parameter in the release's exact byte format; returns bytes written.
 
     ``value``: float32 array for f32 params; :class:`QInt8` (or a pair of chunk iterables) for qw8.
-    Chunks of the int8 weight may be given as an iterable of C-ordered arrays along the first axis.
+    Chunks of the int8 weight may be given as an iterable of C-ordered arrays along the first axis, and
+    the scales as a callable evaluated after the weight is written (so they can be computed meanwhile).
     """
     if spec.kind == "qw8":
         weight, scales = (value.weight, value.scales) if isinstance(value, QInt8) else value
@@ -171,6 +172,7 @@ def write_param_file(path: Path, spec: ParamSpec, value) -> int:
                 f.write(seg)
                 continue
             data, dtype = payloads[seg]
+            data = data() if callable(data) else data   # filled while earlier payloads streamed
             chunks = [data] if isinstance(data, np.ndarray) else data
             n = 0
             for c in chunks:
