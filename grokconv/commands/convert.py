@@ -1,0 +1,73 @@
+import click
+
+from ..convert import to_safetensors
+from ..export import ENCODINGS
+from ..inspect import human
+from ..jax_export import to_jax
+from ..mapping import layout_names
+from ..schema import parse_layers
+
+
+def _layers(ctx_value, num_layers):
+    return None if ctx_value is None else parse_layers(ctx_value, num_layers)
+
+
+def print_summary(s, echo=click.echo):
+    echo(f"{s.tensors} tensors, {s.shards_written} shard(s) written, {s.shards_skipped} already complete; "
+         f"read {human(s.bytes_read)}, wrote {human(s.bytes_written)} in {s.seconds:.1f} s "
+         f"({human(s.rate)}/s moved); peak RSS {human(s.peak_rss)}")
+    if s.errors:
+        worst = sorted(((v.get("rel_l2", 0), k, v) for k, v in s.errors.items() if "rel_l2" in v), reverse=True)[:5]
+        if worst:
+            echo("worst tensors (relative L2, SQNR dB, max abs error, amax):")
+            for rel, k, v in worst:
+                echo(f"  {k}: {rel:.3e}  {v['sqnr_db']:.1f}  {v['max_abs']:.3e}  {v['amax']:.3e}")
+
+
+@click.command("to-safetensors")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@click.option("--layout", type=click.Choice(layout_names()), default="hf", show_default=True,
+              help="Target names: hf (vLLM / hpcai-tech), keyfan (llama.cpp), sglang.")
+@click.option("--quantize", type=click.Choice(list(ENCODINGS)), default="none", show_default=True,
+              help="none: bf16; int8: lossless compressed-tensors int8; fp8: e4m3.")
+@click.option("--fp8-scheme", type=click.Choice(["channel", "tensor", "block"]), default="channel", show_default=True)
+@click.option("--fp8-format", type=click.Choice(["compressed-tensors", "fp8"]), default="compressed-tensors",
+              show_default=True, help="fp8: DeepSeek-style weight_scale_inv blocks (with --fp8-scheme block).")
+@click.option("--layers", help="Export a slice, e.g. 0-1,5 (default: all).")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, its shard and size).")
+@click.option("--no-progress", is_flag=True)
+def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, layers, max_shard_size, workers, device, dry_run,
+          no_progress):
+    """Convert SRC (any format grokconv reads) to sharded safetensors in DST."""
+    from ..formats.base import open_checkpoint
+    with open_checkpoint(src, strict=False) as r:
+        layer_list = _layers(layers, r.config.num_layers)
+    res = to_safetensors(src, dst, layout=layout, quantize=quantize, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
+                         layers=layer_list, max_shard_size=max_shard_size, workers=workers, device=device,
+                         dry_run=dry_run, progress=not no_progress)
+    if dry_run:
+        for shard in res.shards:
+            click.echo(f"{shard.filename}  {human(shard.size)}")
+            for name, dtype, shape in shard.tensors:
+                n = shard.offsets[name]
+                click.echo(f"  {name}  {dtype} {list(shape)}  @{n}")
+        click.echo(f"{sum(len(s.tensors) for s in res.shards)} tensors in {len(res.shards)} shard(s), "
+                   f"{human(res.total_size)}")
+        return
+    print_summary(res)
+
+
+@click.command("to-jax")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@click.option("--no-progress", is_flag=True)
+def to_jx(src, dst, no_progress):
+    """Write SRC back in the original Grok-1 format (DST/ckpt-0/tensorNNNNN_000)."""
+    print_summary(to_jax(src, dst, progress=not no_progress))
+
+
+COMMANDS = [to_st, to_jx]
