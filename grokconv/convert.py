@@ -176,6 +176,10 @@ class Summary:
     seconds: float = 0.0
     peak_rss: int = 0
     errors: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)   # worker-seconds: read+transform, write, error report
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
 
     @property
     def rate(self) -> float:
@@ -204,7 +208,8 @@ class _ErrAcc:
         return {"rel_l2": rel, "sqnr_db": sqnr, "max_abs": self.max_abs, "amax": self.amax}
 
 
-def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on_bytes, errors: dict):
+def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on_bytes, errors: dict,
+             phase=lambda name, sec: None):
     t, enc = job.target, job.encoding
     value = reader.load(t.source, t.index)
     ctx = {"measure": measure}
@@ -225,7 +230,10 @@ def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on
     smin, smax = math.inf, -math.inf
     for r0 in range(0, rows, step):
         src = SourceRows(value, t.transpose, r0, min(rows, r0 + step), device)
+        c0 = time.perf_counter()
         outs, pair = encode_chunk(enc, src, t, ctx)
+        c1 = time.perf_counter()
+        phase("read (page faults) + transform", c1 - c0)
         for name, first, tens in outs:
             arr = from_torch(tens)
             if arr.dtype != DTYPES[dtypes[name]]:
@@ -238,8 +246,11 @@ def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on
             on_bytes(data.nbytes)
             if name.endswith(("weight_scale", "weight_scale_inv")):
                 smin, smax = min(smin, float(tens.float().min())), max(smax, float(tens.float().max()))
+        c2 = time.perf_counter()
+        phase("write", c2 - c1)
         if acc is not None and pair is not None:
             acc.update(*pair)
+            phase("error report", time.perf_counter() - c2)
     if acc is not None:
         res = acc.result()
         if smin <= smax:
@@ -247,7 +258,7 @@ def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on
         errors[t.name] = res
     release = getattr(reader, "release", None)
     if release:
-        release(t.source)
+        release(t.source, t.index)
     return _source_bytes(value)
 
 
@@ -283,6 +294,10 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
             summary.bytes_written += n
             bar.update(n)
 
+    def phase(name, sec):
+        with lock:
+            summary.add_phase(name, sec)
+
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)) if workers > 1 else os.cpu_count() or 1)
     errors: dict = {}
     try:
@@ -300,7 +315,7 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
                 on_bytes(len(shard.header))
                 jobs = [j for j in plan.jobs if j.shard == k]
                 with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                    futs = [pool.submit(_run_job, reader, j, fd, shard.offsets, dev, measure, on_bytes, errors)
+                    futs = [pool.submit(_run_job, reader, j, fd, shard.offsets, dev, measure, on_bytes, errors, phase)
                             for j in jobs]
                     for f in futs:
                         summary.bytes_read += f.result()

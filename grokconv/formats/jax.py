@@ -126,6 +126,27 @@ class JaxCheckpoint(CheckpointReader):
             value = self._view(ref)
         return value if index is None else value[index]
 
+    def release(self, name: str, index: int | None = None) -> None:
+        """Drop the mapped pages of a parameter (or of one expert) from this process once it is used.
+
+        File-backed pages of an mmap count in RSS; a streaming conversion releases each slice after it,
+        so resident memory stays at one slice whatever the model size. The page cache keeps the data.
+        """
+        spec = self.spec(name)
+        ref = self._refs.get(name)
+        mm = self._maps.get(str(self.dir / spec.file))
+        if ref is None or mm is None:
+            return
+        a = ref.weight if isinstance(ref, QuantRef) else ref
+        start, length = a.offset, a.nbytes
+        if index is not None and spec.lead > 1:
+            length //= spec.lead
+            start += index * length
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, (start + length) // page * page
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def stored(self) -> list[StoredTensor]:
         out = []
         for spec in self.specs():

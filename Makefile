@@ -1,0 +1,33 @@
+# grokconv: the two README commands are `make demo` (set up, run the main job on a synthetic model)
+# and `make test` (set up, run the test suite). `make bench` measures throughput and memory.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO := build/demo
+BENCH_DIR ?= build/bench
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c .ci/constraints.txt -e '.[test]'
+	touch $@
+
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/grokconv synth $(DEMO)/tiny --preset tiny
+	$(BIN)/grokconv inspect $(DEMO)/tiny
+	$(BIN)/grokconv to-safetensors $(DEMO)/tiny $(DEMO)/tiny-fp8 --quantize fp8 --no-progress
+	$(BIN)/grokconv parity $(DEMO)/tiny $(DEMO)/tiny-fp8 --layers all --batch 2 --seq-len 16
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/bench.py --dir $(BENCH_DIR)
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,93 @@
+"""`make bench`: throughput and peak memory of conversions on a full-width synthetic checkpoint.
+
+Throughput is bytes moved (read + written) per second of wall time, printed as a ratio to a plain
+`cp` of the same source files to the same disk, measured in the same run. Both include a final
+`sync`, so neither is flattered by dirty pages. Each conversion runs in its own process; its peak
+RSS is that process's maximum resident set (file-backed mapped pages included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUN = """
+import json, sys, os, time
+from grokconv.convert import to_safetensors
+t = time.perf_counter()
+s = to_safetensors(sys.argv[1], sys.argv[2], quantize=sys.argv[3], fp8_scheme=sys.argv[4], workers=int(sys.argv[5]),
+                   progress=False, device="cpu")
+os.sync()
+print(json.dumps({"seconds": time.perf_counter() - t, "read": s.bytes_read, "written": s.bytes_written,
+                  "peak_rss": s.peak_rss, "phases": s.phases}))
+"""
+
+
+def gib(n):
+    return n / 2 ** 30
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="build/bench")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic source for the next run")
+    args = ap.parse_args()
+    root = Path(args.dir)
+    src = root / f"full-width-{args.layers}"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (src / "grokconv-config.json").exists() or len(list((src / "ckpt-0").glob("tensor*"))) < 2 + 12 * args.layers:
+        print(f"synthesizing a full-width checkpoint with {args.layers} layers in {src} ...", flush=True)
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "grokconv.cli", "synth", str(src), "--preset", "full-width",
+                        "--layers", str(args.layers)], check=True)
+        print(f"  {time.perf_counter() - t:.0f} s", flush=True)
+    size = sum(p.stat().st_size for p in (src / "ckpt-0").iterdir())
+    rows = []
+
+    copy_dst = root / "copy"
+    shutil.rmtree(copy_dst, ignore_errors=True)
+    t = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src / "ckpt-0"), str(copy_dst)], check=True)
+    os.sync()
+    cp_s = time.perf_counter() - t
+    shutil.rmtree(copy_dst)
+    cp_rate = 2 * size / cp_s
+    rows.append(("cp (plain copy)", cp_s, 2 * size, cp_rate, None, {}))
+    print(f"source {gib(size):.2f} GiB; cp {cp_s:.1f} s = {cp_rate / 1e6:.0f} MB/s moved", flush=True)
+
+    for case in args.cases.split(","):
+        quant, _, scheme = case.partition(":")
+        out = root / f"out-{quant}-{scheme or 'x'}"
+        shutil.rmtree(out, ignore_errors=True)
+        r = subprocess.run([sys.executable, "-c", RUN, str(src), str(out), quant, scheme or "channel",
+                            str(args.workers)], check=True, capture_output=True, text=True)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        moved = res["read"] + res["written"]
+        rate = moved / res["seconds"]
+        rows.append((case, res["seconds"], moved, rate, res["peak_rss"], res["phases"]))
+        print(f"{case}: {res['seconds']:.1f} s, {rate / 1e6:.0f} MB/s moved, ratio {rate / cp_rate:.2f}, "
+              f"peak RSS {gib(res['peak_rss']):.2f} GiB", flush=True)
+        shutil.rmtree(out)
+    if not args.keep:
+        shutil.rmtree(src)
+
+    print()
+    print(f"{'case':<16} {'seconds':>8} {'GB moved':>9} {'MB/s':>7} {'x cp':>6} {'peak RSS':>9}  where the worker time goes")
+    for name, sec, moved, rate, rss, phases in rows:
+        tot = sum(phases.values()) or 1
+        prof = ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in phases.items())
+        print(f"{name:<16} {sec:8.1f} {moved / 1e9:9.2f} {rate / 1e6:7.0f} {rate / cp_rate:6.2f} "
+              f"{'' if rss is None else f'{gib(rss):.2f} GiB':>9}  {prof}")
+    print(f"\n{os.cpu_count()} cores; workers {args.workers}; source {gib(size):.2f} GiB ({args.layers} layers)")
+
+
+if __name__ == "__main__":
+    main()
