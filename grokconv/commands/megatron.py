@@ -1,0 +1,94 @@
+"""``grokconv to-megatron`` and ``grokconv from-megatron``: Megatron-Core legacy torch checkpoints."""
+from __future__ import annotations
+
+import click
+
+from ..export import ENCODINGS
+from ..megatron import format_bytes, to_megatron as write_megatron
+
+__all__ = ["COMMANDS", "to_megatron", "from_megatron"]
+
+
+def _safetensors_layouts() -> list[str]:
+    from ..mapping import layout_names
+    return [n for n in layout_names() if n != "megatron"]
+
+
+def _summary(s) -> str:
+    return (f"{s.tensors} tensors, {s.shards_written} file(s) written, {s.shards_skipped} already complete; "
+            f"wrote {format_bytes(s.bytes_written)} in {s.seconds:.1f} s; peak RSS {format_bytes(s.peak_rss)}")
+
+
+@click.command("to-megatron")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--tp", default=1, show_default=True, type=int,
+              help="Tensor parallel size; divides query groups (num_kv_heads), q heads and ffn_size.")
+@click.option("--pp", default=1, show_default=True, type=int, help="Pipeline parallel size; divides num_layers.")
+@click.option("--ep", default=1, show_default=True, type=int, help="Expert parallel size; divides num_experts.")
+@click.option("--vp", default=None, type=int,
+              help="Virtual pipeline chunks per stage (interleaved schedule; needs pp > 1, pp*vp divides layers).")
+@click.option("--untie", is_flag=True,
+              help="Write a separate output_layer.weight (a copy of the embeddings) and "
+                   "untie_embeddings_and_output_weights=True.")
+@click.option("--memory-limit", default=None,
+              help="Refuse a layout whose largest rank file exceeds this (e.g. 16GiB). Default: 80% of available RAM.")
+@click.option("--vocab-pad", type=click.Choice(["replicate", "zero"]), default="replicate", show_default=True,
+              help="Padding rows of the vocab-parallel embedding: replicate the last row (Megatron's converter) or zeros.")
+@click.option("--make-vocab-size-divisible-by", default=128, show_default=True, type=int)
+@click.option("--dry-run", is_flag=True, help="Print every rank file and its size; write nothing.")
+@click.option("--no-progress", is_flag=True)
+def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_vocab_size_divisible_by, dry_run,
+                no_progress):
+    """Write SRC (any checkpoint grokconv reads) as a Megatron-Core release checkpoint in DST.
+
+    DST/release/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt, one file per rank, each
+    written whole under a temporary name; DST/latest_checkpointed_iteration.txt ("release") last.
+    """
+    res = write_megatron(src, dst, tp=tp, pp=pp, ep=ep, vp=vp, untie=untie, memory_limit=memory_limit,
+                         vocab_pad=vocab_pad, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                         dry_run=dry_run, progress=not no_progress)
+    if dry_run:
+        for rp in res.ranks:
+            click.echo(f"{rp.relpath}  {format_bytes(rp.nbytes)}  {len(rp.tensors)} tensors")
+        big = res.largest
+        click.echo(f"{len(res.ranks)} rank files, {format_bytes(res.total_bytes)} in all; "
+                   f"largest {big.relpath} {format_bytes(big.nbytes)}")
+        return
+    click.echo(_summary(res))
+
+
+@click.command("from-megatron")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--layout", default="hf", show_default=True,
+              type=click.Choice(["hf", "keyfan", "sglang", "jax"]),
+              help="hf / keyfan / sglang: sharded safetensors in that layout; jax: the original release format.")
+@click.option("--quantize", type=click.Choice(list(ENCODINGS)), default="none", show_default=True,
+              help="Safetensors encoding (none: bf16; int8; fp8). The jax layout always re-quantizes to the "
+                   "original int8.")
+@click.option("--fp8-scheme", type=click.Choice(["channel", "tensor", "block"]), default="channel", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--no-progress", is_flag=True)
+def from_megatron(src, dst, layout, quantize, fp8_scheme, max_shard_size, workers, no_progress):
+    """Convert a Megatron-Core checkpoint SRC (as to-megatron writes it) back to a Grok-1 layout in DST."""
+    from ..formats.base import open_checkpoint
+    with open_checkpoint(src, fmt="megatron"):
+        pass                                   # a clear error now if SRC is not a Megatron checkpoint
+    if layout == "jax":
+        if quantize != "none":
+            raise click.BadParameter("the jax layout is the original int8 format; leave --quantize at none",
+                                     param_hint="--quantize")
+        from ..jax_export import to_jax
+        s = to_jax(src, dst, progress=not no_progress)
+    else:
+        if layout not in _safetensors_layouts():
+            raise click.BadParameter(f"unknown layout {layout!r}", param_hint="--layout")
+        from ..convert import to_safetensors
+        s = to_safetensors(src, dst, layout=layout, quantize=quantize, fp8_scheme=fp8_scheme,
+                           max_shard_size=max_shard_size, workers=workers, progress=not no_progress)
+    click.echo(_summary(s))
+
+
+COMMANDS = [to_megatron, from_megatron]
