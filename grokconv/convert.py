@@ -30,6 +30,7 @@ from .formats.atomic import TMP_SUFFIX, atomic_write_text
 from .formats.base import CheckpointReader, open_checkpoint
 from .formats.safetensors_io import DTYPES, ShardPlan, read_header
 from .mapping import Layout, Target, load_layout
+from .quant.metrics import ErrorAccumulator
 from .tensor import QInt8, from_torch
 
 __all__ = ["ConversionPlan", "plan_conversion", "to_safetensors", "Summary", "parse_size", "INDEX_FILE",
@@ -186,48 +187,24 @@ class Summary:
         return (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9)
 
 
-class _ErrAcc:
-    """float64 accumulation of error statistics over chunks."""
-
-    def __init__(self):
-        self.sq_err = self.sq_ref = 0.0
-        self.max_abs = self.amax = 0.0
-        self.lock = threading.Lock()
-
-    def update(self, ref: torch.Tensor, approx: torch.Tensor):
-        d = (approx.double() - ref.double())
-        with self.lock:
-            self.sq_err += float((d * d).sum())
-            self.sq_ref += float((ref.double() ** 2).sum())
-            self.max_abs = max(self.max_abs, float(d.abs().max())) if d.numel() else self.max_abs
-            self.amax = max(self.amax, float(ref.abs().max())) if ref.numel() else self.amax
-
-    def result(self) -> dict:
-        rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref else 0.0
-        sqnr = float("inf") if self.sq_err == 0 else 10 * math.log10(self.sq_ref / self.sq_err) if self.sq_ref else 0.0
-        return {"rel_l2": rel, "sqnr_db": sqnr, "max_abs": self.max_abs, "amax": self.amax}
-
-
 def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on_bytes, errors: dict,
              phase=lambda name, sec: None):
     t, enc = job.target, job.encoding
     value = reader.load(t.source, t.index)
     ctx = {"measure": measure}
     if enc.kind == "fp8" and enc.scheme == "tensor":
-        from .quant.fp8 import FP8_MAX
-        amax = tensor_amax(value)
-        scale = torch.tensor([amax / FP8_MAX if amax > 0 else 1.0], dtype=torch.float32)
-        if enc.scale_dtype == "BF16":
-            from .export import _round_scale_up
-            scale = _round_scale_up(scale)
+        from .quant.fp8 import fp8_scales_from_amax
+        amax = torch.tensor([tensor_amax(value)], dtype=torch.float32)
+        scale = fp8_scales_from_amax(amax, {"BF16": torch.bfloat16, "F32": torch.float32}[enc.scale_dtype])
         ctx["tensor_scale"] = scale.to(device)
-    acc = _ErrAcc() if (measure or enc.kind != "float") else None
+    acc = ErrorAccumulator(fast=True) if (measure or enc.kind != "float") else None
     ctx["measure"] = acc is not None
     rows = t.shape[0]
     step = enc.rows_per_chunk(t) if len(t.shape) > 1 else rows
     dtypes = {n: d for n, d, _ in job.outputs}
     shapes = {n: s for n, _, s in job.outputs}
     smin, smax = math.inf, -math.inf
+    release = getattr(reader, "release", None)
     for r0 in range(0, rows, step):
         src = SourceRows(value, t.transpose, r0, min(rows, r0 + step), device)
         c0 = time.perf_counter()
@@ -251,12 +228,13 @@ def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on
         if acc is not None and pair is not None:
             acc.update(*pair)
             phase("error report", time.perf_counter() - c2)
+        if release and not t.transpose:      # row chunks of the source: drop them as we go
+            release(t.source, t.index, (r0, min(rows, r0 + step)))
     if acc is not None:
         res = acc.result()
         if smin <= smax:
             res["scale_min"], res["scale_max"] = smin, smax
         errors[t.name] = res
-    release = getattr(reader, "release", None)
     if release:
         release(t.source, t.index)
     return _source_bytes(value)

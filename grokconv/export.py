@@ -21,6 +21,7 @@ from .tensor import QInt8, to_torch
 __all__ = ["Encoding", "ENCODINGS", "encoding_for", "SourceRows", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 48 << 20   # float32 working set per chunk
+_TORCH = {"BF16": torch.bfloat16, "F32": torch.float32}
 
 
 @dataclass
@@ -159,7 +160,7 @@ def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):
         if r0 == 0:
             out.append((names[2], 0, torch.tensor(list(t.shape), dtype=torch.int64)))
         pair = None
-        if ctx.get("measure"):
+        if ctx.get("measure") and not isinstance(src.value, QInt8):   # lossless needs no measuring
             pair = (src.exact(torch.float32),
                     dequantize_int8(q, scale.to(torch.bfloat16).float(), "group", enc.group_size))
         return out, pair
@@ -168,10 +169,8 @@ def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):
     w = src.exact(torch.float32)
     if enc.scheme == "tensor":
         scale = ctx["tensor_scale"]
-    else:
-        scale = fp8_scales(w, enc.scheme, enc.block)
-        if enc.scale_dtype == "BF16":
-            scale = _round_scale_up(scale)
+    else:   # a bf16-stored scale is rounded first, so the stored scale is the one used to quantize
+        scale = fp8_scales(w, enc.scheme, enc.block, scale_dtype=_TORCH[enc.scale_dtype])
     q = quantize_fp8(w, scale, enc.scheme, enc.block)
     out = [(names[0], r0, q)]
     if enc.scheme != "tensor":
@@ -180,17 +179,6 @@ def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):
     elif r0 == 0:
         out.append((names[1], 0, scale.reshape(1).to(torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32)))
     return out, (w, dequantize_fp8(q, scale, enc.scheme, enc.block))
-
-
-def _round_scale_up(scale: torch.Tensor) -> torch.Tensor:
-    """Scales stored as bf16 are rounded up to the next bf16, so ``|w| / scale <= 448`` still holds
-    and the stored scale is exactly the one used to quantize."""
-    b = scale.to(torch.bfloat16)
-    lo = b.float() < scale
-    if lo.any():
-        bits = b.view(torch.int16)
-        b = torch.where(lo, (bits + 1).view(torch.bfloat16), b)  # positive finite: next representable
-    return b.float()
 
 
 def tensor_amax(value) -> float:

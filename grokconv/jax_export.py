@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .config import CONFIG_FILE
-from .convert import REPORT_FILE, Summary, _ErrAcc, peak_rss_bytes
+from .convert import REPORT_FILE, Summary, peak_rss_bytes
+from .quant.metrics import ErrorAccumulator
 from .formats.atomic import atomic_write_text
 from .formats.base import open_checkpoint
 from .formats.jax import CKPT_DIR, write_param_file
@@ -25,7 +26,7 @@ from .tensor import BF16, QInt8, as_dense, dequantize, from_torch, to_torch
 __all__ = ["to_jax"]
 
 
-def _quantized_value(spec: ParamSpec, reader, acc: _ErrAcc | None):
+def _quantized_value(spec: ParamSpec, reader, acc: ErrorAccumulator | None):
     """(weight chunks, scales thunk) for a qw8 parameter, one expert at a time."""
     from .quant.int8 import quantize_rowblocks
     lead = spec.lead
@@ -33,10 +34,12 @@ def _quantized_value(spec: ParamSpec, reader, acc: _ErrAcc | None):
 
     def chunks():
         for e in range(lead):
-            v = reader.load(spec.name, e if len(spec.shape) > 2 else None)
+            idx = e if len(spec.shape) > 2 else None
+            v = reader.load(spec.name, idx)
             if isinstance(v, QInt8) and v.groups == spec.scale_groups:
-                scales[e] = np.asarray(v.scales)
+                scales[e] = np.array(v.scales)
                 yield np.ascontiguousarray(v.weight)
+                _release(reader, spec.name, idx)
                 continue
             w = as_dense(v, "f32")
             q, s = quantize_rowblocks(w, spec.scale_groups)
@@ -44,10 +47,17 @@ def _quantized_value(spec: ParamSpec, reader, acc: _ErrAcc | None):
                 acc.update(w, dequantize(QInt8(from_torch(q), from_torch(s)), "f32"))
             scales[e] = from_torch(s)
             yield from_torch(q)
+            _release(reader, spec.name, idx)
 
     def scale_array():
         return np.stack(scales) if len(spec.shape) > 2 else scales[0]
     return chunks(), scale_array
+
+
+def _release(reader, name, index):
+    release = getattr(reader, "release", None)
+    if release:
+        release(name, index)
 
 
 def to_jax(src, dst, *, layers=None, progress: bool = True, echo=print) -> Summary:
@@ -68,10 +78,10 @@ def to_jax(src, dst, *, layers=None, progress: bool = True, echo=print) -> Summa
             summary.shards_skipped += 1
             continue
         if spec.kind == "qw8":
-            acc = _ErrAcc()
+            acc = ErrorAccumulator(fast=True)
             value = _quantized_value(spec, reader, acc)
             summary.bytes_written += write_param_file(path, spec, value)
-            if acc.sq_ref:
+            if acc.numel:
                 errors[spec.name] = acc.result()
         else:
             v = reader.load(spec.name)

@@ -371,6 +371,15 @@ def test_error_stats_reference_and_chunked():
         assert chunked[k] == st[k]
     for k in ("rel_l2", "sqnr_db"):
         assert chunked[k] == pytest.approx(st[k], rel=1e-12)
+    # the converter's fast mode: float32 per-chunk norms; max_abs/amax exact, sums to ~1e-6 relative
+    fast = Q.ErrorAccumulator(fast=True)
+    for a, b in [(0, 1), (1, 128), (128, 300)]:
+        fast.update(ref[a:b], approx[a:b])
+    fr = fast.result()
+    for k in ("max_abs", "amax", "numel"):
+        assert fr[k] == st[k]
+    assert fr["rel_l2"] == pytest.approx(st["rel_l2"], rel=1e-5)
+    assert fr["sqnr_db"] == pytest.approx(st["sqnr_db"], rel=1e-5)
 
 
 def test_error_stats_edges():

@@ -21,6 +21,7 @@ from .atomic import atomic_write
 from .base import CheckpointReader, StoredTensor, register_format
 from .pickle_walk import ArrayRef, QuantRef, walk_file
 from .pickle_write import layout_array, layout_quantized
+from .safetensors_io import madvise_dontneed
 
 __all__ = ["JaxCheckpoint", "write_param_file", "ckpt_dir", "CKPT_DIR"]
 
@@ -126,10 +127,10 @@ class JaxCheckpoint(CheckpointReader):
             value = self._view(ref)
         return value if index is None else value[index]
 
-    def release(self, name: str, index: int | None = None) -> None:
-        """Drop the mapped pages of a parameter (or of one expert) from this process once it is used.
+    def release(self, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> None:
+        """Drop the mapped pages of a parameter (one expert, or some of its rows) from this process.
 
-        File-backed pages of an mmap count in RSS; a streaming conversion releases each slice after it,
+        File-backed pages of an mmap count in RSS; a streaming conversion releases what it has used,
         so resident memory stays at one slice whatever the model size. The page cache keeps the data.
         """
         spec = self.spec(name)
@@ -142,10 +143,10 @@ class JaxCheckpoint(CheckpointReader):
         if index is not None and spec.lead > 1:
             length //= spec.lead
             start += index * length
-        page = mmap.PAGESIZE
-        lo, hi = -(-start // page) * page, (start + length) // page * page
-        if hi > lo:
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        if rows is not None:
+            row_bytes = length // (a.shape[-2] if len(a.shape) > 1 else a.shape[0])
+            start, length = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        madvise_dontneed(mm, start, length)
 
     def stored(self) -> list[StoredTensor]:
         out = []

@@ -168,6 +168,20 @@ class SafetensorsCheckpoint(CheckpointReader):
         s_t = to_torch(s).float()
         return from_torch(dequantize_fp8(q, s_t.reshape(1) if scheme == "tensor" else s_t, scheme, block))
 
+    def release(self, name: str, index: int | None = None, rows=None) -> None:
+        """Drop the mapped pages of every stored tensor behind one canonical parameter (or expert)."""
+        entry, _ = self.layout.entry_for(name)
+        keys = [(name, index)] if entry.split_experts and index is not None else \
+            [k for k in self._canon if k[0] == name]
+        for key in keys:
+            module = self._canon.get(key)
+            if module is None:
+                continue
+            base = module[: -len("weight")] if module.endswith(".weight") else module
+            for n in [module] + [base + suf for suf in _SUFFIXES]:
+                if n in self.where:
+                    self.files[self.where[n]].release(n)
+
     def stored(self) -> list[StoredTensor]:
         out = []
         for n in sorted(self.where):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import CheckpointFormatError, TruncatedFileError
 
-__all__ = ["DTYPES", "TensorInfo", "read_header", "SafetensorsFile", "ShardPlan", "build_header"]
+__all__ = ["DTYPES", "TensorInfo", "read_header", "SafetensorsFile", "ShardPlan", "build_header", "madvise_dontneed"]
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -86,6 +86,14 @@ def read_header(path) -> tuple[dict[str, TensorInfo], dict, int]:
     return tensors, meta, 8 + n
 
 
+def madvise_dontneed(mm, start: int, length: int) -> None:
+    """Drop whole pages of ``[start, start+length)`` from this process's resident set (page cache keeps them)."""
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + length) // page * page
+    if hi > lo and isinstance(mm, mmap.mmap):
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 class SafetensorsFile:
     """Read-only zero-copy views of a safetensors file's tensors (F8 and BF16 included)."""
 
@@ -102,6 +110,12 @@ class SafetensorsFile:
         dt = DTYPES[t.dtype]
         return np.frombuffer(self._mm, dtype=dt, count=math.prod(t.shape),
                              offset=self.data_start + t.begin).reshape(t.shape)
+
+
+    def release(self, name: str) -> None:
+        if self._mm is not None:
+            t = self.tensors[name]
+            madvise_dontneed(self._mm, self.data_start + t.begin, t.nbytes)
 
 
 def _align(dtype: str) -> int:
