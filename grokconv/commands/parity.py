@@ -1,0 +1,83 @@
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import GrokconvError
+from ..formats.base import open_checkpoint
+from ..parity import KINDS, encode_text, parse_tokens, random_tokens, run_parity
+from ..schema import parse_layers
+
+
+def _open(path: str, layers_text: str):
+    """Open a checkpoint requiring only the layers the run needs (a slice checkpoint is fine)."""
+    wanted = None if layers_text.strip().lower() == "all" else parse_layers(layers_text, 1 << 30)
+    return open_checkpoint(path, layers=wanted)
+
+
+@click.command("parity")
+@click.argument("a", type=click.Path(exists=True))
+@click.argument("b", type=click.Path(exists=True))
+@click.option("--tokens", "tokens_text", help="Token ids, e.g. 1,2,3 (';' between sequences of equal length).")
+@click.option("--text", help="Text to encode with the tokenizer.model beside A (needs sentencepiece).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Random batch: sequences.")
+@click.option("--seq-len", type=int, default=16, show_default=True, help="Random batch: tokens per sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random batch: seed.")
+@click.option("--layers", default="0-1", show_default=True, help="Layers to run, e.g. 0-1,5 or all.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="bf16: the reference precision; fp32: everything in float32.")
+@click.option("--expect", type=click.Choice(["auto", *KINDS]), default="auto", show_default=True,
+              help="Threshold row: exact (lossless), int8 (re-quantized), fp8; auto infers it from the files.")
+@click.option("--max-abs", type=float, help="Override: max abs logit difference.")
+@click.option("--max-kl", type=float, help="Override: max KL(A||B), mean over positions.")
+@click.option("--min-top1", type=float, help="Override: min top-1 agreement.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--save-logits", type=click.Path(dir_okay=False),
+              help="Write both logits to an .npz (arrays a and b, float32 [batch, tokens, vocab]).")
+@click.option("--profile", is_flag=True, help="Print wall time and peak memory.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def command(a, b, tokens_text, text, batch, seq_len, seed, layers, device, dtype, expect, max_abs, max_kl,
+            min_top1, json_path, save_logits, profile, progress):
+    """Run the reference forward on checkpoints A and B (any formats) and compare them.
+
+    Reports, per layer, the residual stream's max abs difference, relative L2 and cosine, and for the
+    logits the max abs difference, KL(A||B), top-1 agreement and top-5 overlap. One layer of weights
+    is in memory at a time. Exits non-zero when a threshold of the --expect row is exceeded.
+
+    \b
+    grokconv parity ckpt/ converted/ --batch 2 --seq-len 16
+    grokconv parity ckpt/ fp8/ --layers all --expect fp8 --json report.json
+    grokconv parity ckpt/ ckpt/ --tokens 422,3033,356 --device cpu --dtype fp32 --save-logits l.npz
+    """
+    if tokens_text and text:
+        raise click.UsageError("give --tokens or --text, not both")
+    try:
+        reader_a, reader_b = _open(a, layers), _open(b, layers)
+        if tokens_text:
+            tokens = parse_tokens(tokens_text)
+        elif text is not None:
+            tokens = encode_text(text, reader_a)
+        else:
+            cfg = reader_a.config
+            tokens = random_tokens(cfg.vocab_size, batch, seq_len, seed, cfg.pad_token)
+        report = run_parity(reader_a, reader_b, tokens, layers=layers, device=device, dtype=dtype,
+                            thresholds=expect, overrides=dict(max_abs=max_abs, max_kl=max_kl, min_top1=min_top1),
+                            progress=progress)
+    except ValueError as e:
+        if isinstance(e, GrokconvError):   # a format error: the CLI prints it with its hint
+            raise
+        raise click.UsageError(str(e)) from None
+    click.echo(report.format())
+    if profile:
+        p = report.profile
+        line = f"profile: wall {p['wall_s']:.2f} s (A {p['wall_s_a']:.2f} s, B {p['wall_s_b']:.2f} s), " \
+               f"peak RSS {p['peak_rss_bytes'] / 2**30:.2f} GiB"
+        if "peak_gpu_bytes" in p:
+            line += f", peak GPU {p['peak_gpu_bytes'] / 2**30:.2f} GiB"
+        click.echo(line)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    if save_logits:
+        report.save_logits(save_logits)
+    report.check()
