@@ -32,6 +32,17 @@ def gib(n):
     return n / 2 ** 30
 
 
+def cold_cache() -> bool:
+    """Start every measurement from a cold page cache when allowed (root), so cp and the conversions
+    read the source from disk alike; otherwise say so (the ratio is then warm against warm-ish)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="build/bench")
@@ -54,6 +65,7 @@ def main():
 
     copy_dst = root / "copy"
     shutil.rmtree(copy_dst, ignore_errors=True)
+    cold = cold_cache()
     t = time.perf_counter()
     subprocess.run(["cp", "-r", str(src / "ckpt-0"), str(copy_dst)], check=True)
     os.sync()
@@ -67,6 +79,7 @@ def main():
         quant, _, scheme = case.partition(":")
         out = root / f"out-{quant}-{scheme or 'x'}"
         shutil.rmtree(out, ignore_errors=True)
+        cold = cold_cache() and cold
         r = subprocess.run([sys.executable, "-c", RUN, str(src), str(out), quant, scheme or "channel",
                             str(args.workers)], check=True, capture_output=True, text=True)
         res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -86,7 +99,8 @@ def main():
         prof = ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in phases.items())
         print(f"{name:<16} {sec:8.1f} {moved / 1e9:9.2f} {rate / 1e6:7.0f} {rate / cp_rate:6.2f} "
               f"{'' if rss is None else f'{gib(rss):.2f} GiB':>9}  {prof}")
-    print(f"\n{os.cpu_count()} cores; workers {args.workers}; source {gib(size):.2f} GiB ({args.layers} layers)")
+    print(f"\n{os.cpu_count()} cores; workers {args.workers}; source {gib(size):.2f} GiB ({args.layers} layers); "
+          f"page cache {'dropped before every measurement' if cold else 'NOT dropped (not permitted): warm reads'}")
 
 
 if __name__ == "__main__":

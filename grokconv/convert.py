@@ -25,7 +25,7 @@ import torch
 
 from .config import CONFIG_FILE
 from .errors import CheckpointFormatError, LayoutError
-from .export import ENCODINGS, Encoding, SourceRows, encode_chunk, encoding_for, tensor_amax
+from .export import ENCODINGS, Encoding, SourceRows, encode_chunk, encoding_for, stage, tensor_amax
 from .formats.atomic import TMP_SUFFIX, atomic_write_text
 from .formats.base import CheckpointReader, open_checkpoint
 from .formats.safetensors_io import DTYPES, ShardPlan, read_header
@@ -190,11 +190,12 @@ class Summary:
 def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on_bytes, errors: dict,
              phase=lambda name, sec: None):
     t, enc = job.target, job.encoding
-    value = reader.load(t.source, t.index)
+    host_value = reader.load(t.source, t.index)
+    value = stage(host_value, device)
     ctx = {"measure": measure}
     if enc.kind == "fp8" and enc.scheme == "tensor":
         from .quant.fp8 import fp8_scales_from_amax
-        amax = torch.tensor([tensor_amax(value)], dtype=torch.float32)
+        amax = torch.tensor([tensor_amax(host_value)], dtype=torch.float32)
         scale = fp8_scales_from_amax(amax, {"BF16": torch.bfloat16, "F32": torch.float32}[enc.scale_dtype])
         ctx["tensor_scale"] = scale.to(device)
     acc = ErrorAccumulator(fast=True) if (measure or enc.kind != "float") else None
@@ -237,7 +238,7 @@ def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on
         errors[t.name] = res
     if release:
         release(t.source, t.index)
-    return _source_bytes(value)
+    return _source_bytes(host_value)
 
 
 def _source_bytes(value) -> int:

@@ -18,7 +18,7 @@ import torch
 from .mapping import Target
 from .tensor import QInt8, to_torch
 
-__all__ = ["Encoding", "ENCODINGS", "encoding_for", "SourceRows", "CHUNK_BYTES"]
+__all__ = ["Encoding", "ENCODINGS", "encoding_for", "SourceRows", "CHUNK_BYTES", "encode_chunk", "stage", "tensor_amax"]
 
 CHUNK_BYTES = 48 << 20   # float32 working set per chunk
 _TORCH = {"BF16": torch.bfloat16, "F32": torch.float32}
@@ -33,27 +33,23 @@ class SourceRows:
     r1: int
     device: torch.device
 
-    def _cols(self, a: np.ndarray) -> torch.Tensor:
-        """Source columns r0:r1 (or rows, untransposed), as a torch view, not yet contiguous."""
+    def _cols(self, a) -> torch.Tensor:
+        """Source columns r0:r1 (or rows, untransposed) as a torch view on the device, not yet contiguous."""
         sub = a[..., self.r0:self.r1] if self.transpose else a[self.r0:self.r1]
-        return to_torch(sub).to(self.device, non_blocking=True)
+        return (sub if isinstance(sub, torch.Tensor) else to_torch(sub)).to(self.device, non_blocking=True)
 
     def exact(self, dtype=torch.float32) -> torch.Tensor:
         """Exact dequantized rows ``[R, in]`` (``bf16`` gives the reference's ``bf16(int8 * scale)``)."""
         v = self.value
         if isinstance(v, QInt8):
-            w = self._cols(v.weight) if self.transpose else self._cols(v.weight)
-            s = self._cols(v.scales) if self.transpose else to_torch(v.scales).to(self.device)
-            G = s.shape[0]
-            if self.transpose:  # w [K, R], s [G, R]
-                K, R = w.shape
-                x = w.to(dtype).view(G, K // G, R) * s.to(dtype).view(G, 1, R)
-                return x.view(K, R).t().contiguous()
-            R, N = w.shape      # untransposed int8 target (not used by the shipped layouts)
-            K = v.weight.shape[0]
-            blk = K // G
-            rows = torch.arange(self.r0, self.r1, device=self.device) // blk
-            return (w.to(dtype) * s.to(dtype)[rows]).contiguous()
+            if not self.transpose:
+                raise ValueError("int8 sources are [in, out]: every layout maps them transposed")
+            w, s = self._cols(v.weight), self._cols(v.scales)     # [K, R], [G, R]
+            (K, R), G = w.shape, s.shape[0]
+            # widen first (a strided int8 read is fast to convert), scale, then transpose in bf16/f32:
+            # ~4x faster on the CPU than transposing the int8; the product is exact before one rounding
+            x = w.to(dtype).view(G, K // G, R) * s.to(dtype).view(G, 1, R)
+            return x.view(K, R).t().contiguous()
         t = self._cols(v)
         t = t.t() if self.transpose and t.dim() == 2 else t
         return t.to(dtype).contiguous()
@@ -65,6 +61,21 @@ class SourceRows:
         q = w.to(torch.int16).t().contiguous().to(torch.int8)   # int16 transposes ~4x faster than int8 here
         s = self._cols(v.scales).t().contiguous()
         return q, s
+
+
+def stage(value, device: torch.device):
+    """Move one slice to the device once, through pinned memory, so every chunk is cut on the device.
+
+    On the CPU the numpy views are used as they are (zero copy). The chunk code is the same either way.
+    """
+    if device.type == "cpu":
+        return value
+
+    def move(a):
+        return to_torch(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
+    if isinstance(value, QInt8):
+        return QInt8(move(value.weight), move(value.scales))
+    return move(value)
 
 
 @dataclass

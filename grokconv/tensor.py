@@ -15,6 +15,7 @@ import torch
 __all__ = ["QInt8", "BF16", "dequantize", "to_torch", "from_torch", "as_dense"]
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
+F8E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,15 @@ def to_torch(a: np.ndarray) -> torch.Tensor:
     """Zero-copy torch view of a numpy array (bf16 included); read-only inputs stay shared."""
     if a.dtype == BF16:
         return to_torch(a.view(np.int16)).view(torch.bfloat16)
+    if a.dtype == F8E4M3:
+        return to_torch(a.view(np.uint8)).view(torch.float8_e4m3fn)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only mmap views: we never write through them
-        return torch.from_numpy(np.ascontiguousarray(a) if not a.flags.c_contiguous else a)
+        try:
+            return torch.from_numpy(a)                  # strided views too (positive strides)
+        except ValueError:
+            return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def from_torch(t: torch.Tensor) -> np.ndarray:
@@ -77,4 +83,4 @@ def as_dense(value, dtype: str = "f32", device="cpu") -> torch.Tensor:
     if isinstance(value, QInt8):
         return dequantize(value, dtype, device)
     t = to_torch(value).to(device) if isinstance(value, np.ndarray) else value.to(device)
-    return t.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    return t.to(torch.bfloat16 if dtype == "bf16" else torch.float32).contiguous()

@@ -150,10 +150,11 @@ class SafetensorsCheckpoint(CheckpointReader):
             blocks = scale.reshape(out, groups, ng // groups)
             if np.array_equal(blocks.view(np.uint16), np.repeat(blocks[:, :, :1], ng // groups, 2).view(np.uint16)):
                 # every group of a row block carries the block's scale: exactly the original format
+                # (returned already in canonical [in, out]; load() transposes only float arrays)
                 return QInt8(from_torch(q).T, np.ascontiguousarray(blocks[:, :, 0].T))
         gs = inn // ng
         w = q.float().view(out, ng, gs) * to_torch(scale).float().view(out, ng, 1)
-        return from_torch(w.view(out, inn)).T
+        return from_torch(w.view(out, inn))     # [out, in], like every stored float tensor
 
     def _dequant_fp8(self, base: str) -> np.ndarray:
         from ..quant.fp8 import dequantize_fp8
