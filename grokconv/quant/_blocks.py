@@ -39,6 +39,8 @@ def block_amax(w: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
     rows, cols = w.shape
     nb1 = cdiv(cols, b1)
     pad_c = nb1 * b1 - cols
+    if b0 == 1 and b1 >= cols:  # per row (channel): one pass, no temporary (max |x| is exact)
+        return torch.linalg.vector_norm(w, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
     if b0 >= rows:  # one block row (tensor strategy): fold row chunks with a running max
         out = torch.zeros(1, nb1, dtype=torch.float32, device=w.device)
         step = max(1, _CHUNK // max(cols, 1))
@@ -51,7 +53,10 @@ def block_amax(w: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
     for r0 in range(0, rows, step):
         c = w[r0:r0 + step]
         pad_r = cdiv(c.shape[0], b0) * b0 - c.shape[0]
-        a = F.pad(c.abs(), (0, pad_c, 0, pad_r)).reshape(-1, b0, nb1, b1).amax(dim=(1, 3))
+        a = c.abs()
+        if pad_c or pad_r:  # zero padding leaves every amax unchanged
+            a = F.pad(a, (0, pad_c, 0, pad_r))
+        a = a.reshape(-1, b0, nb1, b1).amax(dim=(1, 3))
         out[r0 // b0:r0 // b0 + a.shape[0]] = a.float()
     return out
 
