@@ -42,7 +42,7 @@ from .formats.atomic import TMP_SUFFIX, atomic_write, atomic_write_text
 from .mapping import MAPPINGS_DIR
 from .sharding import (Parallel, SPLIT_DIMS, checkpoint_dir_name, chunk_layers, deinterleave_qkv, expert_range,
                        fuse_gated, interleave_qkv, layers_per_chunk, pad_vocab, padded_vocab_size, qkv_groups,
-                       tp_merge, unfuse_gated, validate_parallel)
+                       tp_merge, tp_merge_transposed, unfuse_gated, validate_parallel)
 from .tensor import QInt8, to_torch
 
 __all__ = ["MegatronLayout", "load_megatron_layout", "TensorMapping", "DirectMapping", "VocabMapping",
@@ -55,6 +55,7 @@ RANK_FILE = "model_optim_rng.pt"
 RELEASE_DIR = "release"
 CHECKPOINT_VERSION = 3.0
 MAPPING_FILE = MAPPINGS_DIR / "megatron.json"
+_DEQUANT_CHUNK = 1 << 24          # elements per float32 temporary when dequantizing a block (64 MiB)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -76,10 +77,15 @@ def read_block(reader, name: str, index: int | None = None, rows: slice | None =
         r = rows or slice(0, K)
         c = cols or slice(0, N)
         block = K // s.shape[-2]
-        wb = to_torch(np.ascontiguousarray(w[r, c])).to(torch.float32)
-        ridx = np.arange(r.start, r.stop) // block
-        sb = to_torch(np.ascontiguousarray(s[:, c][ridx])).to(torch.float32)
-        return (wb * sb).to(dtype)
+        ncols = len(range(N)[c])
+        out = torch.empty((len(range(K)[r]), ncols), dtype=dtype)
+        step = max(1, _DEQUANT_CHUNK // max(1, ncols))     # bounds the float32 temporaries
+        for r0 in range(r.start, r.stop, step):
+            r1 = min(r.stop, r0 + step)
+            wb = to_torch(np.ascontiguousarray(w[r0:r1, c])).to(torch.float32)
+            sb = to_torch(np.ascontiguousarray(s[:, c][np.arange(r0, r1) // block])).to(torch.float32)
+            out[r0 - r.start: r1 - r.start] = wb.mul_(sb)
+        return out
     a = np.asarray(v)
     if a.ndim == 1:
         a = a[rows] if rows is not None else a
@@ -143,8 +149,8 @@ class TensorMapping:
         """This TP rank's tensor, read from ``reader`` (only the slices it needs)."""
         raise NotImplementedError
 
-    def merge(self, parts: list, cfg: GrokConfig, par: Parallel) -> dict:
-        """All TP ranks' tensors -> {part: canonical tensor in Haiku orientation}."""
+    def merge(self, parts: list, cfg: GrokConfig, par: Parallel, part: str) -> torch.Tensor:
+        """All TP ranks' tensors -> canonical ``part`` in Haiku orientation (one copy at most)."""
         raise NotImplementedError
 
 
@@ -173,9 +179,10 @@ class DirectMapping(TensorMapping):
         t = read_block(reader, name, expert, rows, cols, self.dtype)
         return t.T.contiguous() if self.transpose else t.contiguous()
 
-    def merge(self, parts, cfg, par):
-        t = tp_merge(parts, self.split_dim)
-        return {"w": t.T if self.transpose else t}
+    def merge(self, parts, cfg, par, part="w"):
+        if self.transpose:
+            return tp_merge_transposed(parts, self.split_dim)
+        return tp_merge(parts, self.split_dim)
 
 
 class VocabMapping(DirectMapping):
@@ -197,8 +204,8 @@ class VocabMapping(DirectMapping):
         last = read_block(reader, name, None, slice(V - 1, V), None, self.dtype)
         return pad_vocab(real, n, self.pad_mode, last=last).contiguous()
 
-    def merge(self, parts, cfg, par):
-        return {"w": torch.cat(parts, 0)[: cfg.vocab_size]}
+    def merge(self, parts, cfg, par, part="w"):
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, 0))[: cfg.vocab_size]
 
 
 class QKVMapping(TensorMapping):
@@ -217,11 +224,11 @@ class QKVMapping(TensorMapping):
         v = read_block(reader, self.canonical("v", layer), None, None, slice(g.start * hd, g.stop * hd), self.dtype).T
         return interleave_qkv(q, k, v, len(g) * hpg, len(g), hd).contiguous()
 
-    def merge(self, parts, cfg, par):
+    def merge(self, parts, cfg, par, part):
         n_kv = cfg.num_kv_heads // par.tp
         n_q = cfg.num_q_heads // par.tp
-        qs, ks, vs = zip(*(deinterleave_qkv(p, n_q, n_kv, cfg.key_size) for p in parts))
-        return {"q": torch.cat(qs, 0).T, "k": torch.cat(ks, 0).T, "v": torch.cat(vs, 0).T}
+        which = "qkv".index(part)
+        return tp_merge_transposed([deinterleave_qkv(p, n_q, n_kv, cfg.key_size)[which] for p in parts], 0)
 
 
 class GatedMLPMapping(TensorMapping):
@@ -241,9 +248,9 @@ class GatedMLPMapping(TensorMapping):
         up = read_block(reader, self.canonical("up", layer), expert, None, cols, self.dtype).T
         return fuse_gated(gate, up).contiguous()
 
-    def merge(self, parts, cfg, par):
-        gates, ups = zip(*(unfuse_gated(p) for p in parts))
-        return {"gate": torch.cat(gates, 0).T, "up": torch.cat(ups, 0).T}
+    def merge(self, parts, cfg, par, part):
+        which = ("gate", "up").index(part)
+        return tp_merge_transposed([unfuse_gated(p)[which] for p in parts], 0)
 
 
 @lru_cache(maxsize=8)

@@ -16,7 +16,8 @@ import torch
 from .errors import LayoutError
 
 __all__ = [
-    "Parallel", "check_split", "validate_parallel", "tp_split", "tp_shard", "tp_merge", "SPLIT_DIMS",
+    "Parallel", "check_split", "validate_parallel", "tp_split", "tp_shard", "tp_merge", "tp_merge_transposed",
+    "SPLIT_DIMS",
     "expert_range", "expert_owner", "layers_per_chunk", "chunk_layers", "layer_location",
     "padded_vocab_size", "pad_vocab", "interleave_qkv", "deinterleave_qkv", "qkv_groups",
     "fuse_gated", "unfuse_gated", "checkpoint_dir_name",
@@ -91,6 +92,23 @@ def tp_merge(parts: list[torch.Tensor], dim: int | None) -> torch.Tensor:
     if dim is None:
         return parts[0]
     return torch.cat(list(parts), dim=dim)
+
+
+def tp_merge_transposed(parts: list[torch.Tensor], dim: int | None) -> torch.Tensor:
+    """``tp_merge(parts, dim).T``, contiguous, built with one allocation (each part copied once)."""
+    if dim is None:
+        return parts[0].T.contiguous()
+    first = parts[0]
+    total = sum(p.shape[dim] for p in parts)
+    shape = [first.shape[1], first.shape[0]]
+    shape[1 - dim] = total
+    out = torch.empty(shape, dtype=first.dtype)
+    off = 0
+    for p in parts:
+        n = p.shape[dim]
+        out.narrow(1 - dim, off, n).copy_(p.T)
+        off += n
+    return out
 
 
 # -- expert parallel ---------------------------------------------------------------------------------

@@ -448,3 +448,15 @@ def test_detects_root_and_release_dir(megatron_dirs):
     assert open_checkpoint(d / "release").format == "megatron"
     assert math.prod(open_checkpoint(d).load("language_model/in_out_embed/embeddings").shape) == \
         TINY.vocab_size * TINY.emb_size
+
+
+def test_read_block_is_a_block_of_the_reference_dequantization(orig, monkeypatch):
+    """Row-chunked, row-block-scaled dequantization of a slice == the slice of tensor.dequantize."""
+    import grokconv.megatron as gm
+    monkeypatch.setattr(gm, "_DEQUANT_CHUNK", 1000)           # force many chunks, crossing scale blocks
+    for name, index in ((L(2, "moe/linear_1/w"), 5), (L(2, "multi_head_attention/linear/w"), None),
+                        (L(2, "multi_head_attention/query/w"), None)):
+        full = orig.dense(name, "bf16", index=index)
+        rows, cols = slice(37, full.shape[0] - 11), slice(3, full.shape[1] - 5)
+        got = gm.read_block(orig, name, index, rows, cols)
+        assert torch.equal(got.view(torch.int16), full[rows, cols].contiguous().view(torch.int16)), name

@@ -34,7 +34,8 @@ def _summary(s) -> str:
 @click.option("--memory-limit", default=None,
               help="Refuse a layout whose largest rank file exceeds this (e.g. 16GiB). Default: 80% of available RAM.")
 @click.option("--vocab-pad", type=click.Choice(["replicate", "zero"]), default="replicate", show_default=True,
-              help="Padding rows of the vocab-parallel embedding: replicate the last row (Megatron's converter) or zeros.")
+              help="Padding rows of the vocab-parallel embedding: replicate the last row (as Megatron's "
+                   "converter does) or zeros.")
 @click.option("--make-vocab-size-divisible-by", default=128, show_default=True, type=int)
 @click.option("--dry-run", is_flag=True, help="Print every rank file and its size; write nothing.")
 @click.option("--no-progress", is_flag=True)

@@ -245,12 +245,12 @@ class MegatronCheckpoint(CheckpointReader):
             return self.par.pp - 1, self.par.chunks - 1, None
         return 0, 0, None
 
-    def _gather(self, mapping, layer: int | None, expert: int | None) -> dict:
+    def _parts(self, mapping, layer: int | None, expert: int | None) -> list[torch.Tensor]:
+        """Every TP rank's tensor (mapped from disk, not copied)."""
         pp, chunk, local = self._locate(mapping, layer)
         ep, local_e = (0, None) if expert is None else expert_owner(expert, self.config.num_experts, self.par.ep)
         key = mapping.key(local, local_e)
-        parts = [self._tensor(mapping, key, t, pp, ep, chunk) for t in range(self.par.tp)]
-        return mapping.merge(parts, self.config, self.par)
+        return [self._tensor(mapping, key, t, pp, ep, chunk) for t in range(self.par.tp)]
 
     # -- canonical -----------------------------------------------------------------------------
     def load(self, name: str, index: int | None = None):
@@ -261,26 +261,33 @@ class MegatronCheckpoint(CheckpointReader):
                 return np.stack([self.load(name, e) for e in range(spec.shape[0])])
             if not 0 <= index < spec.shape[0]:
                 raise MissingTensorError(f"{name}: expert {index} out of range 0..{spec.shape[0] - 1}")
-            value = self._gather(mapping, layer, index)[part]
+            value = mapping.merge(self._parts(mapping, layer, index), self.config, self.par, part)
         else:
-            value = self._gather(mapping, layer, None)[part]
+            parts = self._parts(mapping, layer, None)
             if mapping.role == "embedding" and mapping.stage == "first" and self.layout.output_layer is not None:
-                self._check_output_layer(value)
+                self._check_output_layer(parts)
+            value = mapping.merge(parts, self.config, self.par, part)
             if index is not None:
                 value = value[index]
         return from_torch(value.contiguous())
 
-    def _check_output_layer(self, embeddings: torch.Tensor) -> None:
-        """Grok-1 ties input and output embeddings; an output layer that differs cannot be carried back."""
+    def _check_output_layer(self, emb_parts: list[torch.Tensor]) -> None:
+        """Grok-1 ties input and output embeddings; an output layer that differs cannot be carried back.
+        Compared TP shard by TP shard, on the mapped files (no copy of the table)."""
         if not (self.par.untie or self.par.pp > 1):
             return
-        out = self._gather(self.layout.output_layer, None, None)["w"]
-        if not torch.equal(out.to(embeddings.dtype), embeddings):
-            diff = int((out.to(embeddings.dtype) != embeddings).any(dim=-1).sum())
+        V = self.config.vocab_size
+        rows = emb_parts[0].shape[0]
+        diff = 0
+        for t, (a, b) in enumerate(zip(emb_parts, self._parts(self.layout.output_layer, None, None))):
+            real = max(0, min(rows, V - t * rows))              # padding rows are not compared
+            if not torch.equal(a[:real], b[:real].to(a.dtype)):
+                diff += int((a[:real] != b[:real].to(a.dtype)).any(dim=-1).sum())
+        if diff:
             raise CheckpointFormatError(
-                f"output_layer.weight differs from embedding.word_embeddings.weight in {diff} of "
-                f"{embeddings.shape[0]} vocab rows; Grok-1 ties them, so this model cannot be written in a "
-                "Grok-1 layout without losing its output layer", path=self.iter_dir)
+                f"output_layer.weight differs from embedding.word_embeddings.weight in {diff} of {V} vocab rows; "
+                "Grok-1 ties them, so this model cannot be written in a Grok-1 layout without losing its output "
+                "layer", path=self.iter_dir)
 
     def stored(self) -> list[StoredTensor]:
         out = []
