@@ -43,8 +43,8 @@ def _quantized_value(spec: ParamSpec, reader, acc: ErrorAccumulator | None):
                 continue
             w = as_dense(v, "f32")
             q, s = quantize_rowblocks(w, spec.scale_groups)
-            if acc is not None:
-                acc.update(w, dequantize(QInt8(from_torch(q), from_torch(s)), "f32"))
+            if acc is not None:   # against what the reference computes with: bf16(int8 * scale)
+                acc.update(w, dequantize(QInt8(from_torch(q), from_torch(s)), "bf16").float())
             scales[e] = from_torch(s)
             yield from_torch(q)
             _release(reader, spec.name, idx)

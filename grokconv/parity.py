@@ -205,8 +205,10 @@ def infer_kind(reader_a: CheckpointReader, reader_b: CheckpointReader, layer: in
     probe_layer = layer if layer is not None else next(iter(reader_a.layers), None)
     if probe_layer is None:
         return "exact"
-    probe = f"{LAYER_PREFIX}{probe_layer}/multi_head_attention/linear/w"
-    original = [r.is_quantized_int8(probe) for r in (reader_a, reader_b)]
+    # the row-blocked output projection and a per-column weight: a re-quantized int8 can look like
+    # row blocks when its group size equals the block (tiny models), never like one scale per column
+    probes = [f"{LAYER_PREFIX}{probe_layer}/multi_head_attention/{m}/w" for m in ("linear", "query")]
+    original = [all(r.is_quantized_int8(p) for p in probes) for r in (reader_a, reader_b)]
     if any(any("int8" in s for s in side) and not orig for side, orig in zip(schemes, original)):
         return "int8"
     if dtype == "fp32" and original[0] != original[1]:

@@ -26,14 +26,19 @@ _Q_STD = 255 / math.sqrt(24)  # std of the triangular int8 draw below
 _CHUNK = 1 << 26
 
 
-def _int8_block(rng: np.random.Generator, shape) -> np.ndarray:
-    """Triangular int8 in [-127, 127] (a cheap bell shape), each column reaching +-127 somewhere."""
+def _int8_rows(rng: np.random.Generator, r0: int, shape, block: int) -> np.ndarray:
+    """Rows ``r0:r0+shape[0]`` of a triangular int8 matrix in [-127, 127] (a cheap bell shape).
+
+    The first row of every block of ``block`` input rows is +-127, so each column of each scale block
+    reaches 127 -- what an absmax quantizer leaves, block by block.
+    """
     n = math.prod(shape)
     a = np.frombuffer(rng.bytes(n), np.uint8)
     b = np.frombuffer(rng.bytes(n), np.uint8)
     q = ((a >> 1) + (b >> 1)).astype(np.int16) - 127  # 0..254 -> -127..127
     q = q.astype(np.int8).reshape(shape)
-    q[..., 0, :] = 127 * np.sign(q[..., 0, :] + 0.5).astype(np.int8)  # amax 127 per column, as absmax leaves it
+    for r in range(-(-r0 // block) * block, r0 + shape[0], block):
+        q[r - r0] = 127 * np.sign(q[r - r0] + 0.5).astype(np.int8)
     return q
 
 
@@ -53,7 +58,7 @@ def synth_value(spec: ParamSpec, cfg: GrokConfig, seed: int):
             for e in np.ndindex(*lead) if lead else [()]:
                 for r0 in range(0, K, rows):
                     sub = np.random.default_rng([seed, spec.index, *e, r0])
-                    yield _int8_block(sub, (min(rows, K - r0), N))
+                    yield _int8_rows(sub, r0, (min(rows, K - r0), N), K // G)
         return chunks(), scales
     if spec.slot == "language_model/in_out_embed":
         V, D = spec.shape

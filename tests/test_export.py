@@ -158,16 +158,42 @@ def test_int8_lossless(layout, exports, tiny_ckpt, tmp_path):
         assert (back / "ckpt-0" / n).read_bytes() == (tiny_ckpt / "ckpt-0" / n).read_bytes(), n
 
 
-def test_bf16_back_to_jax_requantizes_with_error_report(exports, tiny_ckpt, tmp_path):
+def test_bf16_back_to_jax_recovers_the_original_int8(exports, tiny_ckpt, tmp_path):
+    """bf16(int8 * scale) re-quantized with the source's scale structure gives back the very int8 and
+    scales when each block column reaches 127 (as absmax quantization leaves it): byte-identical files,
+    but for the float32 embeddings, which went through bf16."""
     s = to_jax(exports["hf", "none"], tmp_path / "j", progress=False)
+    assert s.tensors == 146
+    names = sorted(p.name for p in (tiny_ckpt / "ckpt-0").iterdir())
+    differ = [n for n in names if (tmp_path / "j" / "ckpt-0" / n).read_bytes() != (tiny_ckpt / "ckpt-0" / n).read_bytes()]
+    assert differ == ["tensor00000_000"]
     rep = json.loads((tmp_path / "j" / "grokconv-report.json").read_text())["tensors"]
+    assert rep["transformer/decoder_layer_2/moe/linear_1/w"]["rel_l2"] == 0.0
+    assert "bfloat16" in rep["language_model/in_out_embed/embeddings"]["note"]
+
+
+def test_perturbed_bf16_back_to_jax_reports_the_error(tiny_ckpt, tmp_path):
+    """A bf16 model that is not a dequantized int8 (say, fine-tuned) is re-quantized with G = 8 row
+    blocks kept, and the error against it is reported."""
+    from grokconv.formats.safetensors_io import SafetensorsFile
+    src = tmp_path / "bf16"
+    to_safetensors(tiny_ckpt, src, layout="hf", progress=False)
+    for shard in src.glob("model-*.safetensors"):   # perturb every weight in place: a "fine-tune"
+        f = SafetensorsFile(shard)
+        data = bytearray(shard.read_bytes())
+        for name, t in f.tensors.items():
+            if t.dtype == "BF16" and "experts" in name:
+                a = np.frombuffer(data, np.uint16, t.nbytes // 2, f.data_start + t.begin)
+                a[::3] ^= 1                            # flip the lowest mantissa bit of every third value
+        shard.write_bytes(bytes(data))
+    s = to_jax(src, tmp_path / "j", progress=False)
     a, b = open_checkpoint(tiny_ckpt), open_checkpoint(tmp_path / "j")
     spec = a.spec("transformer/decoder_layer_2/moe/linear_1/w")
     assert b.load(spec.name).scales.shape == spec.scale_shape                      # G = 8 row blocks kept
     x, y = a.dense(spec.name, "f32"), b.dense(spec.name, "f32")
     rel = float((x - y).norm() / x.norm())
-    assert 0 < rel < 0.01 and rep[spec.name]["rel_l2"] < 0.01
-    assert s.tensors == 146
+    assert 0 < rel < 0.01
+    assert 0 < s.errors[spec.name]["rel_l2"] < 0.01
 
 
 def test_dry_run_and_deterministic_bytes(tiny_ckpt, tmp_path):
