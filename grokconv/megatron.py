@@ -382,6 +382,7 @@ class MegatronPlan:
     config: GrokConfig
     par: Parallel
     ranks: list
+    memory_limit: int | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -543,10 +544,10 @@ def to_megatron(src, dst, *, tp: int = 1, pp: int = 1, ep: int = 1, vp: int | No
     # vp=1 is no virtual pipeline: Megatron saves a one-chunk model list as "model"
     par = Parallel(tp, pp, ep, None if vp in (None, 0, 1) else vp, untie, make_vocab_size_divisible_by)
     plan = plan_megatron(cfg, par, vocab_pad)
-    limit = default_memory_limit() if memory_limit is None else parse_size(memory_limit)
-    check_memory(plan, limit)
+    plan.memory_limit = default_memory_limit() if memory_limit is None else parse_size(memory_limit)
     if dry_run:
-        return plan
+        return plan                        # the caller shows the plan, and whether it fits
+    check_memory(plan, plan.memory_limit)
     args = megatron_args(cfg, par, vocab_pad)
     dst = Path(dst)
     release = dst / RELEASE_DIR

@@ -15,8 +15,11 @@ def _safetensors_layouts() -> list[str]:
 
 
 def _summary(s) -> str:
-    return (f"{s.tensors} tensors, {s.shards_written} file(s) written, {s.shards_skipped} already complete; "
-            f"wrote {format_bytes(s.bytes_written)} in {s.seconds:.1f} s; peak RSS {format_bytes(s.peak_rss)}")
+    files = (f", {s.shards_written} file(s) written, {s.shards_skipped} already complete"
+             if s.shards_written or s.shards_skipped and s.tensors == 0 else
+             f", {s.shards_skipped} already complete" if s.shards_skipped else "")
+    return (f"{s.tensors} tensors{files}; wrote {format_bytes(s.bytes_written)} in {s.seconds:.1f} s; "
+            f"peak RSS {format_bytes(s.peak_rss)}")
 
 
 @click.command("to-megatron")
@@ -55,6 +58,8 @@ def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_v
         big = res.largest
         click.echo(f"{len(res.ranks)} rank files, {format_bytes(res.total_bytes)} in all; "
                    f"largest {big.relpath} {format_bytes(big.nbytes)}")
+        if res.memory_limit is not None and big.nbytes > res.memory_limit:
+            click.echo(f"refused without --dry-run: over the memory limit of {format_bytes(res.memory_limit)}")
         return
     click.echo(_summary(res))
 
