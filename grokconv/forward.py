@@ -32,11 +32,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import GrokconvError
 from .formats.base import CheckpointReader
 from .schema import LAYER_PREFIX, parse_layers
+from .tensor import as_dense
 
 __all__ = ["Semantics", "WRONG_VARIANTS", "ForwardResult", "ReferenceForward", "forward", "resolve_device",
            "resolve_layers", "exact_matmul", "DTYPES", "EMBEDDINGS", "FINAL_NORM", "peak_memory"]
@@ -45,6 +47,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 EMBEDDINGS = "language_model/in_out_embed/embeddings"
 FINAL_NORM = "language_model/rms_norm/scale"
 _ALIGN = 64   # bytes; torch's CPU allocator aligns to 64, mapped views need not be
+_VOCAB_CHUNK = 16384   # rows of the tied embedding converted at a time for the output projection
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,14 @@ def exact_matmul():
         m.allow_tf32, m.allow_bf16_reduced_precision_reduction = saved
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 64-byte aligned: the same values in the same layout and alignment run the same
+    kernels and so give the same bits, whatever layout a format stores or wherever a mapped file put them."""
+    if not t.is_contiguous() or t.data_ptr() % _ALIGN:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def _mul_scalar(x: torch.Tensor, c: float) -> torch.Tensor:
     """``x * c`` as JAX computes an array times a Python float: ``c`` is cast to ``x.dtype`` first."""
     return x * torch.tensor(c, dtype=x.dtype, device=x.device)
@@ -170,13 +181,24 @@ class ReferenceForward:
 
     # -- weights --------------------------------------------------------------------------------
     def _dense(self, name: str, dtype: str, index: int | None = None) -> torch.Tensor:
-        t = self.reader.dense(name, dtype, index=index, device=self.device)
-        # The same values in the same layout and alignment run the same kernels and so give the same
-        # bits, whatever layout a format stores or wherever a mapped file put them.
-        if not t.is_contiguous() or t.data_ptr() % _ALIGN:
-            t = t.clone(memory_format=torch.contiguous_format)
+        t = _aligned(self.reader.dense(name, dtype, index=index, device=self.device))
         if self._release is not None:
             self._release(name, index)
+        return t
+
+    def _embedding_source(self):
+        """The embedding table: a plain array (a mapped file) stays as it is, to be sliced before it is
+        converted so that only the rows in use are read and held; anything else is made dense."""
+        value = self.reader.load(EMBEDDINGS)
+        return value if isinstance(value, np.ndarray) else self._dense(EMBEDDINGS, self.wdtype)
+
+    def _embedding_rows(self, source, rows) -> torch.Tensor:
+        """``dense(embeddings)[rows]`` (rows: an index array or a slice), from :meth:`_embedding_source`."""
+        if not isinstance(source, np.ndarray):
+            return _aligned(source[rows])
+        t = _aligned(as_dense(source[rows], self.wdtype, self.device))
+        if self._release is not None:
+            self._release(EMBEDDINGS, None)
         return t
 
     def _param(self, layer: int, slot: str, index: int | None = None, *, f32: bool = False) -> torch.Tensor:
@@ -199,9 +221,7 @@ class ReferenceForward:
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """``bf16(emb[tokens]) * embedding_multiplier_scale`` -> [B, T, D] in the activation dtype."""
-        emb = self._dense(EMBEDDINGS, self.wdtype)
-        x = emb[tokens].to(self.act)
-        del emb
+        x = self._embedding_rows(self._embedding_source(), tokens.cpu().numpy()).to(self.device, self.act)
         if self.semantics.embedding_multiplier:
             x = _mul_scalar(x, self.cfg.embedding_multiplier_scale)
         return x
@@ -218,9 +238,12 @@ class ReferenceForward:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and the tied output projection -> float32 logits [B, T, V]."""
         x = self._norm(h, None, "")
-        emb = self._dense(EMBEDDINGS, self.wdtype)
-        logits = x @ emb.T
-        del emb
+        V = self.cfg.vocab_size
+        logits = torch.empty(*x.shape[:-1], V, dtype=self.act, device=x.device)
+        table = self._embedding_source()
+        for r0 in range(0, V, _VOCAB_CHUNK):   # the same chunks on every reader: the same kernels, the same bits
+            logits[..., r0:r0 + _VOCAB_CHUNK] = x @ self._embedding_rows(table, slice(r0, r0 + _VOCAB_CHUNK)).T
+        del table
         if self.semantics.output_multiplier:
             logits = _mul_scalar(logits, self.cfg.output_multiplier_scale)
         return logits.to(torch.float32)

@@ -22,7 +22,9 @@ def reader(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def tokens():
-    return torch.tensor([[5, 77, 301, 2, 459, 12, 88, 150], [9, 9, 400, 1, 33, 511, 64, 7]])
+    # No token here is routed near a tie (the k-th and (k+1)-th router probabilities stay >= 6e-5 apart
+    # in every layer, checked below), so float32 and float64 pick the same experts.
+    return torch.tensor([[355, 137, 421, 458, 324, 297, 112, 123], [390, 447, 297, 260, 16, 265, 276, 474]])
 
 
 def _rel(a, b) -> float:
@@ -48,9 +50,9 @@ def test_fp32_matches_float64_numpy(reader, tokens):
     assert _rel(logits, res.logits) < 1e-4
     assert np.abs(logits - res.logits.numpy()).max() < 1e-4 * np.abs(logits).max()
     # the synthetic query/key gain drives attention logits past the 30*tanh(x/30) cap, so the cap is
-    # exercised (and the no-cap variant is visible); the routing is never a near tie that float32 could flip
+    # exercised (and the no-cap variant is visible); no routing is a near tie that float32 could flip
     assert ref.max_attn_logit > 30
-    assert ref.min_router_margin > 1e-6
+    assert ref.min_router_margin > 1e-5
 
 
 def test_bf16_matches_numpy_with_bf16_rounding(reader, tokens):
