@@ -132,8 +132,10 @@ class Layout:
         return fill(self.config_template)
 
 
-def layout_names() -> list[str]:
-    return sorted(p.stem for p in MAPPINGS_DIR.glob("*.json"))
+def layout_names(container: str = "safetensors") -> list[str]:
+    """Layouts of one container format (a mapping file's ``container``; safetensors when absent)."""
+    return sorted(p.stem for p in MAPPINGS_DIR.glob("*.json")
+                  if json.loads(p.read_text()).get("container", "safetensors") == container)
 
 
 @lru_cache(maxsize=None)
