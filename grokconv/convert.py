@@ -32,24 +32,13 @@ from .formats.safetensors_io import DTYPES, ShardPlan, read_header
 from .mapping import Layout, Target, load_layout
 from .quant.metrics import ErrorAccumulator
 from .tensor import QInt8, from_torch
+from .units import parse_size
 
 __all__ = ["ConversionPlan", "plan_conversion", "to_safetensors", "Summary", "parse_size", "INDEX_FILE",
            "REPORT_FILE", "peak_rss_bytes"]
 
 INDEX_FILE = "model.safetensors.index.json"
 REPORT_FILE = "grokconv-report.json"
-
-
-def parse_size(text) -> int:
-    if isinstance(text, (int, float)):
-        return int(text)
-    t = str(text).strip().upper().replace("IB", "I")
-    units = {"KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40, "KB": 10 ** 3, "MB": 10 ** 6,
-             "GB": 10 ** 9, "TB": 10 ** 12, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "B": 1}
-    for u, mult in units.items():
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * mult)
-    return int(float(t))
 
 
 def peak_rss_bytes() -> int:

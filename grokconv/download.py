@@ -40,6 +40,7 @@ from .config import CONFIG_FILE, GrokConfig, load_preset
 from .errors import CheckpointFormatError, DownloadError
 from .formats.atomic import atomic_write, atomic_write_text
 from .schema import files_for_layers, param_specs
+from .units import format_bytes as _format_bytes
 
 __all__ = ["DEFAULT_REPO", "DEFAULT_TOKENIZER_REPO", "TOKENIZER_FILE", "ORIGINAL_TOKENIZER_SHA256", "MANIFEST",
            "RemoteFile", "DownloadPlan", "DownloadResult", "VerifyReport", "hub_settings", "plan_download",
@@ -64,12 +65,8 @@ _CKPT_FILE_RE = re.compile(r"tensor\d{5}_\d{3}")
 
 
 def format_bytes(n: float) -> str:
-    """Decimal units, as the hub shows sizes: ``318.2 GB``."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
+    """Decimal units, as the hub shows sizes: ``318.24 GB``."""
+    return _format_bytes(n, decimal=True)
 
 
 def hub_settings() -> tuple[str, str | None, bool]:

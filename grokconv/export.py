@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .mapping import Target
+from .roles import ENCODINGS
 from .tensor import QInt8, to_torch
 
 __all__ = ["Encoding", "ENCODINGS", "encoding_for", "SourceRows", "CHUNK_BYTES", "encode_chunk", "stage", "tensor_amax"]
@@ -130,15 +131,6 @@ def encoding_for(quantize: str, role: str, *, fp8_scheme: str = "channel", fp8_f
     if key == "int8-pack":
         return Encoding("int8-pack", "int8-pack", scheme="group", group_size=group_size)
     return Encoding(key, "float", dtype=key)
-
-
-# --quantize choice -> role -> encoding. Unquantized roles keep the precision the reference computes
-# with: embeddings are used in bf16, norms and the router in float32 (grok1-checkpoint.md section 4).
-ENCODINGS = {
-    "none": {"linear": "BF16", "embedding": "BF16", "norm": "F32", "router": "F32"},
-    "int8": {"linear": "int8-pack", "embedding": "F32", "norm": "F32", "router": "F32"},
-    "fp8": {"linear": "fp8", "embedding": "BF16", "norm": "F32", "router": "F32"},
-}
 
 
 def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):

@@ -4,16 +4,9 @@ from __future__ import annotations
 from collections import Counter
 
 from .formats.base import open_checkpoint
+from .units import format_bytes as human
 
 __all__ = ["inspect_checkpoint", "format_report", "human"]
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def inspect_checkpoint(path) -> dict:

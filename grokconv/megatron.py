@@ -44,11 +44,11 @@ from .sharding import (Parallel, SPLIT_DIMS, checkpoint_dir_name, chunk_layers, 
                        fuse_gated, interleave_qkv, layers_per_chunk, pad_vocab, padded_vocab_size, qkv_groups,
                        tp_merge, tp_merge_transposed, unfuse_gated, validate_parallel)
 from .tensor import QInt8, to_torch
+from .units import format_bytes
 
 __all__ = ["MegatronLayout", "load_megatron_layout", "TensorMapping", "DirectMapping", "VocabMapping",
            "QKVMapping", "GatedMLPMapping", "RankPlan", "MegatronPlan", "plan_megatron", "megatron_args",
-           "to_megatron", "read_block", "TRACKER_FILE", "RANK_FILE", "RELEASE_DIR", "CHECKPOINT_VERSION",
-           "format_bytes"]
+           "to_megatron", "read_block", "TRACKER_FILE", "RANK_FILE", "RELEASE_DIR", "CHECKPOINT_VERSION"]
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -474,14 +474,6 @@ def megatron_args(cfg: GrokConfig, par: Parallel, pad_mode: str = "replicate") -
 # ----------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def default_memory_limit() -> int:
     import psutil
     return int(0.8 * psutil.virtual_memory().available)
@@ -531,7 +523,8 @@ def to_megatron(src, dst, *, tp: int = 1, pp: int = 1, ep: int = 1, vp: int | No
 
     Returns the :class:`MegatronPlan` when ``dry_run``, else a :class:`grokconv.convert.Summary`.
     """
-    from .convert import Summary, parse_size, peak_rss_bytes
+    from .convert import Summary, peak_rss_bytes
+    from .units import parse_size
     from .formats.base import CheckpointReader, open_checkpoint
     if vocab_pad not in ("replicate", "zero"):
         raise LayoutError(f"unknown vocab padding {vocab_pad!r}; choose replicate or zero")

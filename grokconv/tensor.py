@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
-import torch
+
+# torch is imported where it is used, so reading headers (inspect, planning) starts in milliseconds
 
 __all__ = ["QInt8", "BF16", "dequantize", "to_torch", "from_torch", "as_dense"]
 
@@ -37,8 +38,9 @@ class QInt8:
         return QInt8(self.weight[i], self.scales[i])
 
 
-def to_torch(a: np.ndarray) -> torch.Tensor:
+def to_torch(a: np.ndarray) -> "torch.Tensor":
     """Zero-copy torch view of a numpy array (bf16 included); read-only inputs stay shared."""
+    import torch
     if a.dtype == BF16:
         return to_torch(a.view(np.int16)).view(torch.bfloat16)
     if a.dtype == F8E4M3:
@@ -52,7 +54,8 @@ def to_torch(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def from_torch(t: torch.Tensor) -> np.ndarray:
+def from_torch(t: "torch.Tensor") -> np.ndarray:
+    import torch
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(BF16)
@@ -61,12 +64,13 @@ def from_torch(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def dequantize(q: QInt8, dtype: str = "bf16", device: str | torch.device = "cpu") -> torch.Tensor:
+def dequantize(q: QInt8, dtype: str = "bf16", device="cpu") -> "torch.Tensor":
     """The reference dequantization, as a torch tensor on ``device``.
 
     ``bf16``: ``bf16(int8 * scale)`` exactly as ``model.py`` computes it (an int8 times a bf16 is exact in
     float32, so one rounding); ``f32``: the exact product.
     """
+    import torch
     w = to_torch(q.weight).to(device)
     s = to_torch(q.scales).to(device)
     K, N, G = w.shape[-2], w.shape[-1], s.shape[-2]
@@ -78,8 +82,9 @@ def dequantize(q: QInt8, dtype: str = "bf16", device: str | torch.device = "cpu"
     return out.to(torch.bfloat16) if dtype == "bf16" else out
 
 
-def as_dense(value, dtype: str = "f32", device="cpu") -> torch.Tensor:
+def as_dense(value, dtype: str = "f32", device="cpu") -> "torch.Tensor":
     """Any canonical value as a float torch tensor (``bf16`` or ``f32``)."""
+    import torch
     if isinstance(value, QInt8):
         return dequantize(value, dtype, device)
     t = to_torch(value).to(device) if isinstance(value, np.ndarray) else value.to(device)

@@ -337,7 +337,7 @@ def test_memory_limit_refused_up_front_with_the_figure(tiny_ckpt, tmp_path):
     with pytest.raises(LayoutError) as ei:
         to_megatron(tiny_ckpt, tmp_path / "m", memory_limit="1MiB", progress=False)
     msg = str(ei.value)
-    assert f"({size} bytes)" in msg and "1.0 MiB" in msg and "mp_rank_00" in msg
+    assert f"({size} bytes)" in msg and "1.00 MiB" in msg and "mp_rank_00" in msg
     assert not (tmp_path / "m").exists()
 
 

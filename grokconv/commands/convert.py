@@ -1,10 +1,8 @@
 import click
 
-from ..convert import to_safetensors
-from ..export import ENCODINGS
 from ..inspect import human
-from ..jax_export import to_jax
 from ..mapping import layout_names
+from ..roles import ENCODINGS
 from ..schema import parse_layers
 
 
@@ -43,6 +41,7 @@ def print_summary(s, echo=click.echo):
 def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, layers, max_shard_size, workers, device, dry_run,
           no_progress):
     """Convert SRC (any format grokconv reads) to sharded safetensors in DST."""
+    from ..convert import to_safetensors
     from ..formats.base import open_checkpoint
     with open_checkpoint(src, strict=False) as r:
         layer_list = _layers(layers, r.config.num_layers)
@@ -67,6 +66,7 @@ def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, layers, max_shard_
 @click.option("--no-progress", is_flag=True)
 def to_jx(src, dst, no_progress):
     """Write SRC back in the original Grok-1 format (DST/ckpt-0/tensorNNNNN_000)."""
+    from ..jax_export import to_jax
     print_summary(to_jax(src, dst, progress=not no_progress))
 
 

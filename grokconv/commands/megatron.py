@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..export import ENCODINGS
-from ..megatron import format_bytes, to_megatron as write_megatron
+from ..inspect import human as format_bytes
+from ..roles import ENCODINGS
 
 __all__ = ["COMMANDS", "to_megatron", "from_megatron"]
 
@@ -49,6 +49,7 @@ def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_v
     DST/release/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt, one file per rank, each
     written whole under a temporary name; DST/latest_checkpointed_iteration.txt ("release") last.
     """
+    from ..megatron import to_megatron as write_megatron
     res = write_megatron(src, dst, tp=tp, pp=pp, ep=ep, vp=vp, untie=untie, memory_limit=memory_limit,
                          vocab_pad=vocab_pad, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                          dry_run=dry_run, progress=not no_progress)

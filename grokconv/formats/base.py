@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import GrokConfig
 from ..errors import CheckpointFormatError, MissingTensorError
@@ -64,7 +63,7 @@ class CheckpointReader:
                 return s
         raise MissingTensorError(f"no parameter {name!r} in the Grok-1 schema", path=self.path)
 
-    def dense(self, name: str, dtype: str = "f32", index: int | None = None, device="cpu") -> torch.Tensor:
+    def dense(self, name: str, dtype: str = "f32", index: int | None = None, device="cpu") -> "torch.Tensor":
         """The parameter as the reference computes with it (``bf16(int8*scale)`` for int8 weights)."""
         return as_dense(self.load(name, index), dtype, device)
 
@@ -94,6 +93,7 @@ def _ranges(layers) -> str:
 
 
 FORMATS: dict[str, tuple] = {}   # name -> (detect(path) -> bool, open(path, **kw) -> CheckpointReader)
+FORMAT_MODULES = ("jax", "safetensors", "megatron")   # grokconv/formats/<name>.py, tried in this order
 
 
 def register_format(name: str, detect, opener) -> None:
@@ -103,22 +103,18 @@ def register_format(name: str, detect, opener) -> None:
 def open_checkpoint(path, *, layers=None, strict: bool = True, fmt: str | None = None) -> CheckpointReader:
     """Open any checkpoint grokconv reads. ``layers``: only these must be present (a slice)."""
     import importlib
-    for mod in ("jax", "safetensors", "megatron"):  # each registers itself
-        try:
-            importlib.import_module(f"grokconv.formats.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"grokconv.formats.{mod}":
-                raise
     path = Path(path)
     if not path.exists():
         raise MissingTensorError("no such file or directory", path=path)
+    for mod in FORMAT_MODULES:   # each registers itself; imported one by one, so a jax dir never loads torch
+        if fmt is None or fmt == mod:
+            importlib.import_module(f"grokconv.formats.{mod}")
+        if fmt is None and mod in FORMATS and FORMATS[mod][0](path):
+            return FORMATS[mod][1](path, layers=layers, strict=strict)
     if fmt is not None:
         if fmt not in FORMATS:
-            raise CheckpointFormatError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+            raise CheckpointFormatError(f"unknown format {fmt!r}; known: {', '.join(FORMAT_MODULES)}")
         return FORMATS[fmt][1](path, layers=layers, strict=strict)
-    for _name, (detect, opener) in FORMATS.items():
-        if detect(path):
-            return opener(path, layers=layers, strict=strict)
     raise CheckpointFormatError("not a checkpoint grokconv recognises: expected ckpt-0/tensorNNNNN_000 files, "
                                 "*.safetensors with an index or config.json, or a Megatron release/ directory",
                                 path=path)
