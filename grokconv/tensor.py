@@ -77,9 +77,11 @@ def dequantize(q: QInt8, dtype: str = "bf16", device="cpu") -> "torch.Tensor":
     if K % G:
         raise ValueError(f"input dim {K} is not divisible into {G} scale blocks")
     lead = w.shape[:-2]
-    out = w.reshape(*lead, G, K // G, N).to(torch.float32) * s.reshape(*lead, G, 1, N).to(torch.float32)
-    out = out.reshape(*lead, K, N)
-    return out.to(torch.bfloat16) if dtype == "bf16" else out
+    # bf16: torch multiplies bf16 by computing the exact float32 product and rounding once, so this is
+    # bf16(int8 * scale) without any float32 copy of the matrix
+    t = torch.bfloat16 if dtype == "bf16" else torch.float32
+    out = w.reshape(*lead, G, K // G, N).to(t) * s.reshape(*lead, G, 1, N).to(t)
+    return out.reshape(*lead, K, N)
 
 
 def as_dense(value, dtype: str = "f32", device="cpu") -> "torch.Tensor":

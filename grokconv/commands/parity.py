@@ -4,12 +4,12 @@ from pathlib import Path
 import click
 
 from ..errors import GrokconvError
-from ..formats.base import open_checkpoint
-from ..parity import KINDS, encode_text, parse_tokens, random_tokens, run_parity
+from ..thresholds import KINDS
 from ..schema import parse_layers
 
 
 def _open(path: str, layers_text: str):
+    from ..formats.base import open_checkpoint
     """Open a checkpoint requiring only the layers the run needs (a slice checkpoint is fine)."""
     wanted = None if layers_text.strip().lower() == "all" else parse_layers(layers_text, 1 << 30)
     return open_checkpoint(path, layers=wanted)
@@ -50,6 +50,7 @@ def command(a, b, tokens_text, text, batch, seq_len, seed, layers, device, dtype
     grokconv parity ckpt/ fp8/ --layers all --expect fp8 --json report.json
     grokconv parity ckpt/ ckpt/ --tokens 422,3033,356 --device cpu --dtype fp32 --save-logits l.npz
     """
+    from ..parity import encode_text, parse_tokens, random_tokens, run_parity
     if tokens_text and text:
         raise click.UsageError("give --tokens or --text, not both")
     try:
