@@ -85,7 +85,7 @@ class Encoding:
     name: str
     kind: str                      # "float", "int8-pack", "fp8"
     dtype: str = "BF16"            # safetensors dtype of the main tensor
-    scheme: str | None = None      # fp8: tensor / channel / block; int8: group
+    scheme: str | None = None      # fp8: tensor / channel / block; int8: group / channel
     scale_name: str = "weight_scale"
     scale_dtype: str = "BF16"
     group_size: int = 128
@@ -99,8 +99,9 @@ class Encoding:
         out, inn = t.shape
         m = t.module
         if self.kind == "int8-pack":
+            groups = 1 if self.scheme == "channel" else inn // self.group_size
             return [(f"{m}.weight_packed", "I32", (out, inn // 4)),
-                    (f"{m}.weight_scale", self.scale_dtype, (out, inn // self.group_size)),
+                    (f"{m}.weight_scale", self.scale_dtype, (out, groups)),
                     (f"{m}.weight_shape", "I64", (2,))]
         shape = {"tensor": (1,), "channel": (out, 1),
                  "block": (math.ceil(out / self.block[0]), math.ceil(inn / self.block[1]))}[self.scheme]
@@ -117,7 +118,7 @@ class Encoding:
 
 
 def encoding_for(quantize: str, role: str, *, fp8_scheme: str = "channel", fp8_format: str = "compressed-tensors",
-                 group_size: int = 128) -> Encoding:
+                 group_size: int = 128, int8_scheme: str = "group") -> Encoding:
     """The encoding of a role under a ``--quantize`` choice (the table in ``ENCODINGS``)."""
     key = ENCODINGS[quantize].get(role)
     if key is None:
@@ -129,7 +130,7 @@ def encoding_for(quantize: str, role: str, *, fp8_scheme: str = "channel", fp8_f
             return Encoding("fp8-block-inv", "fp8", scheme="block", scale_name="weight_scale_inv", scale_dtype="F32")
         return Encoding(f"fp8-{fp8_scheme}", "fp8", scheme=fp8_scheme, scale_dtype="BF16")
     if key == "int8-pack":
-        return Encoding("int8-pack", "int8-pack", scheme="group", group_size=group_size)
+        return Encoding(f"int8-{int8_scheme}", "int8-pack", scheme=int8_scheme, group_size=group_size)
     return Encoding(key, "float", dtype=key)
 
 
@@ -151,21 +152,21 @@ def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):
         return [(names[0], r0, rows)], pair
     if enc.kind == "int8-pack":
         from .quant.int8 import dequantize_int8, int8_scales, pack_int8, quantize_int8
-        if isinstance(src.value, QInt8):           # lossless: the original int8 and its scales
+        lossless = isinstance(src.value, QInt8) and (enc.scheme == "group" or src.value.groups == 1)
+        if lossless:                               # the original int8 and its scales, repeated per group
             q, s = src.int8()
-            reps = (q.shape[1] // s.shape[1]) // enc.group_size
+            reps = 1 if enc.scheme == "channel" else (q.shape[1] // s.shape[1]) // enc.group_size
             scale = s.repeat_interleave(reps, dim=1)
-        else:                                      # a float source: re-quantize per group
+        else:   # a float source, or row blocks asked for per channel: re-quantize (amax / 127.5)
             w = src.exact(torch.float32)
-            scale = int8_scales(w, "group", enc.group_size).to(torch.bfloat16)
-            q = quantize_int8(w, scale.float(), "group", enc.group_size)
+            scale = int8_scales(w, enc.scheme, enc.group_size, scale_dtype=torch.bfloat16)
+            q = quantize_int8(w, scale, enc.scheme, enc.group_size)
         out = [(names[0], r0, pack_int8(q)), (names[1], r0, scale.to(torch.bfloat16))]
         if r0 == 0:
             out.append((names[2], 0, torch.tensor(list(t.shape), dtype=torch.int64)))
         pair = None
-        if ctx.get("measure") and not isinstance(src.value, QInt8):   # lossless needs no measuring
-            pair = (src.exact(torch.float32),
-                    dequantize_int8(q, scale.to(torch.bfloat16).float(), "group", enc.group_size))
+        if ctx.get("measure") and not lossless:    # lossless needs no measuring
+            pair = (src.exact(torch.float32), dequantize_int8(q, scale, enc.scheme, enc.group_size))
         return out, pair
     # fp8
     from .quant.fp8 import dequantize_fp8, fp8_scales, quantize_fp8
@@ -181,7 +182,7 @@ def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):
         out.append((names[1], srow, scale.to(torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32)))
     elif r0 == 0:
         out.append((names[1], 0, scale.reshape(1).to(torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32)))
-    return out, (w, dequantize_fp8(q, scale, enc.scheme, enc.block))
+    return out, (w, dequantize_fp8(q, scale, enc.scheme, enc.block)) if ctx.get("measure") else None
 
 
 def tensor_amax(value) -> float:
@@ -189,7 +190,13 @@ def tensor_amax(value) -> float:
     if isinstance(value, QInt8):
         w, s = to_torch(value.weight), to_torch(value.scales).float()
         K, N = w.shape
-        G = s.shape[0]
-        colmax = w.reshape(G, K // G, N).to(torch.int16).abs().amax(dim=1).float()  # int8 abs(-128) wraps
-        return float((colmax * s.abs()).max())
+        blk = K // s.shape[0]
+        best = 0.0
+        step = max(1, (CHUNK_BYTES // 2) // N)       # int16 rows per pass: bounded memory
+        for r0 in range(0, K, step):
+            r1 = min(K, r0 + step)
+            colmax = w[r0:r1].to(torch.int16).abs()   # int16: abs(-128) would wrap in int8
+            rows_scale = s[torch.arange(r0, r1) // blk].abs()
+            best = max(best, float((colmax.float() * rows_scale).amax()) if r1 > r0 else 0.0)
+        return best
     return float(to_torch(np.asarray(value)).float().abs().max())

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .runtime import peak_memory, resolve_device
 from .errors import GrokconvError
 from .formats.base import CheckpointReader
 from .schema import LAYER_PREFIX, parse_layers
@@ -100,29 +99,6 @@ class ForwardResult:
     hidden: dict[int, torch.Tensor]            # layer -> residual stream after it, [B, T, D] float32, CPU
     layers: list[int]
     profile: dict = field(default_factory=dict)
-
-
-def resolve_device(device) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; a request for cuda without one is an error."""
-    if isinstance(device, torch.device):
-        return device
-    name = str(device or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GrokconvError(f"device {name!r} requested but torch sees no CUDA device",
-                            hint="use --device cpu (or auto)")
-    return dev
-
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak memory so far: the process's peak RSS, and torch's peak allocation on a CUDA device."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss_bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
-    if device.type == "cuda":
-        out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return out
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .config import CONFIG_FILE
-from .convert import REPORT_FILE, Summary, peak_rss_bytes
+from .convert import REPORT_FILE, Summary
+from .runtime import peak_rss_bytes
 from .quant.metrics import ErrorAccumulator
 from .formats.atomic import atomic_write_text
 from .formats.base import open_checkpoint

@@ -523,7 +523,8 @@ def to_megatron(src, dst, *, tp: int = 1, pp: int = 1, ep: int = 1, vp: int | No
 
     Returns the :class:`MegatronPlan` when ``dry_run``, else a :class:`grokconv.convert.Summary`.
     """
-    from .convert import Summary, peak_rss_bytes
+    from .convert import Summary
+    from .runtime import peak_rss_bytes
     from .units import parse_size
     from .formats.base import CheckpointReader, open_checkpoint
     if vocab_pad not in ("replicate", "zero"):

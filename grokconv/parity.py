@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from .errors import GrokconvError, MissingTensorError, ParityError
 from .formats.base import CheckpointReader, _ranges
-from .forward import ReferenceForward, Semantics, exact_matmul, peak_memory, resolve_layers
+from .forward import ReferenceForward, Semantics, exact_matmul, resolve_layers
+from .runtime import peak_memory
 from .schema import LAYER_PREFIX
 from .thresholds import KINDS, THRESHOLDS, Thresholds
 

@@ -182,3 +182,24 @@ def test_cli_errors(tiny_ckpt):
     assert res.exit_code == 2 and "token ids" in res.output
     res = _cli(tiny_ckpt, tiny_ckpt, "--layers", "40")
     assert res.exit_code == 2 and "out of range" in res.output
+
+
+def test_cli_text_through_a_sentencepiece_tokenizer(tiny_ckpt, tmp_path):
+    """--text encodes with the tokenizer.model beside A (no BOS, as runners.py): a tiny SentencePiece
+    BPE model trained here stands in for Grok-1's (which cannot be fetched in CI)."""
+    spm = pytest.importorskip("sentencepiece")
+    import shutil
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=64,
+                                   model_type="bpe", byte_fallback=False, minloglevel=2)
+    shutil.copy(tmp_path / "tok.model", ck / "tokenizer.model")
+    text = "the lazy fox jumps"
+    ids = spm.SentencePieceProcessor(model_file=str(ck / "tokenizer.model")).encode(text)
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["parity", str(ck), str(tiny_ckpt), "--text", text, "--device", "cpu",
+                                    "--json", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["tokens"] == [ids]

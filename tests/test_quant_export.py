@@ -184,3 +184,23 @@ def test_requantize_bf16_source_to_int8(tiny_ckpt, tmp_path):
         assert ((y - x).abs() <= scale.repeat_interleave(gs, 1) * 0.5 * (1 + 2 ** -7) + 1e-12).all()
     rep = s.errors["model.layers.1.moe_block.experts.5.linear_1.weight"]
     assert 0 < rep["rel_l2"] < 0.01
+
+
+def test_int8_channel_strategy(tiny_ckpt, tmp_path):
+    """Per-channel int8: exact for the weights with one scale per column; the row-blocked ones
+    (attention output, expert down) are re-quantized per channel, and their error is reported."""
+    s = to_safetensors(tiny_ckpt, tmp_path, quantize="int8", int8_scheme="channel", layers=[0, 2], progress=False)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    w = qc["config_groups"]["group_0"]["weights"]
+    assert (w["strategy"], w["group_size"]) == ("channel", None)
+    t = _load_all(tmp_path)
+    assert tuple(t["model.layers.2.attn.q_proj.weight_scale"].shape) == (256, 1)
+    a, b = open_checkpoint(tiny_ckpt), open_checkpoint(tmp_path)
+    q = "transformer/decoder_layer_2/multi_head_attention/query/w"
+    assert isinstance(b.load(q), QInt8)
+    assert np.array_equal(b.load(q).weight, a.load(q).weight)
+    o = "transformer/decoder_layer_2/multi_head_attention/linear/w"
+    x, y = a.dense(o, "f32"), b.dense(o, "f32")
+    assert 0 < float((x - y).norm() / x.norm()) < 0.02
+    assert "model.layers.2.attn.o_proj.weight" in s.errors
+    assert "model.layers.2.attn.q_proj.weight" not in s.errors      # lossless: nothing to report

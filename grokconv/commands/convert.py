@@ -32,13 +32,16 @@ def print_summary(s, echo=click.echo):
 @click.option("--fp8-scheme", type=click.Choice(["channel", "tensor", "block"]), default="channel", show_default=True)
 @click.option("--fp8-format", type=click.Choice(["compressed-tensors", "fp8"]), default="compressed-tensors",
               show_default=True, help="fp8: DeepSeek-style weight_scale_inv blocks (with --fp8-scheme block).")
+@click.option("--int8-scheme", type=click.Choice(["group", "channel"]), default="group", show_default=True,
+              help="int8: group keeps the original row-block scales exactly; channel is exact only for "
+                   "weights with one scale per column (the others are re-quantized).")
 @click.option("--layers", help="Export a slice, e.g. 0-1,5 (default: all).")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, its shard and size).")
 @click.option("--no-progress", is_flag=True)
-def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, layers, max_shard_size, workers, device, dry_run,
+def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layers, max_shard_size, workers, device, dry_run,
           no_progress):
     """Convert SRC (any format grokconv reads) to sharded safetensors in DST."""
     from ..convert import to_safetensors
@@ -46,7 +49,7 @@ def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, layers, max_shard_
     with open_checkpoint(src, strict=False) as r:
         layer_list = _layers(layers, r.config.num_layers)
     res = to_safetensors(src, dst, layout=layout, quantize=quantize, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
-                         layers=layer_list, max_shard_size=max_shard_size, workers=workers, device=device,
+                         int8_scheme=int8_scheme, layers=layer_list, max_shard_size=max_shard_size, workers=workers, device=device,
                          dry_run=dry_run, progress=not no_progress)
     if dry_run:
         for shard in res.shards:
