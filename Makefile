@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := build/demo
 BENCH_DIR ?= build/bench
+# this workplace keeps the CPU build of torch in /opt/wheels; elsewhere pip finds it on the index
+PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: setup demo test bench clean
 
@@ -13,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c .ci/constraints.txt -e '.[test]'
+	$(BIN)/pip install -q $(PIP_FIND) -c .ci/constraints.txt -e '.[test]'
 	touch $@
 
 demo: setup
