@@ -272,7 +272,8 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
         with lock:
             summary.add_phase(name, sec)
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)) if workers > 1 else os.cpu_count() or 1)
+    saved_threads = torch.get_num_threads()   # workers share the cores; restored when done
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
     errors: dict = {}
     try:
         for k, shard in enumerate(plan.shards):
@@ -303,6 +304,7 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
             summary.shards_written += 1
     finally:
         bar.close()
+        torch.set_num_threads(saved_threads)
     _write_sidecars(reader, plan, dst)
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss = peak_rss_bytes()
