@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := build/demo
 BENCH_DIR ?= build/bench
+BENCH_ARGS ?=            # e.g. BENCH_ARGS='--device cuda --layers 4'
 # this workplace keeps the CPU build of torch in /opt/wheels; elsewhere pip finds it on the index
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
@@ -29,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python bench/bench.py --dir $(BENCH_DIR)
+	$(BIN)/python bench/bench.py --dir $(BENCH_DIR) $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV)

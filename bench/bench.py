@@ -21,7 +21,7 @@ import json, sys, os, time
 from grokconv.convert import to_safetensors
 t = time.perf_counter()
 s = to_safetensors(sys.argv[1], sys.argv[2], quantize=sys.argv[3], fp8_scheme=sys.argv[4], workers=int(sys.argv[5]),
-                   progress=False, device="cpu")
+                   progress=False, device=sys.argv[6])
 os.sync()
 print(json.dumps({"seconds": time.perf_counter() - t, "read": s.bytes_read, "written": s.bytes_written,
                   "peak_rss": s.peak_rss, "phases": s.phases}))
@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic source for the next run")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where conversions compute")
     args = ap.parse_args()
     root = Path(args.dir)
     src = root / f"full-width-{args.layers}"
@@ -87,7 +88,7 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
         cold = cold_cache() and cold
         r = subprocess.run([sys.executable, "-c", RUN, str(src), str(out), quant, scheme or "channel",
-                            str(args.workers)], check=True, capture_output=True, text=True)
+                            str(args.workers), args.device], check=True, capture_output=True, text=True)
         res = json.loads(r.stdout.strip().splitlines()[-1])
         moved = res["read"] + res["written"]
         rate = moved / res["seconds"]
@@ -110,7 +111,7 @@ def main():
         print(f"{name:<16} {sec:8.1f} {moved / 1e9:9.2f} {rate / 1e6:7.0f} {rate / cp_rate:6.2f} "
               f"{'' if rss is None else f'{gib(rss):.2f} GiB':>9}  {prof}")
     print(f"\ncp before the cases {cp_first:.1f} s, after {cp_last:.1f} s; the faster is the reference")
-    print(f"{os.cpu_count()} cores; workers {args.workers}; source {gib(size):.2f} GiB ({args.layers} layers); "
+    print(f"{os.cpu_count()} cores; device {args.device}; workers {args.workers}; source {gib(size):.2f} GiB ({args.layers} layers); "
           f"page cache {'dropped before every measurement' if cold else 'NOT dropped (not permitted): warm reads'}")
 
 
