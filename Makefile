@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/grokconv synth $(DEMO)/tiny --preset tiny
 	$(BIN)/grokconv inspect $(DEMO)/tiny
 	$(BIN)/grokconv to-safetensors $(DEMO)/tiny $(DEMO)/tiny-fp8 --quantize fp8 --no-progress
-	$(BIN)/grokconv parity $(DEMO)/tiny $(DEMO)/tiny-fp8 --layers all --batch 2 --seq-len 16
+	$(BIN)/grokconv parity $(DEMO)/tiny $(DEMO)/tiny-fp8 --layers all --batch 2 --seq-len 16 --no-progress
 
 test: setup
 	$(BIN)/python -m pytest
