@@ -178,7 +178,9 @@ def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on
              phase=lambda name, sec: None):
     t, enc = job.target, job.encoding
     host_value = reader.load(t.source, t.index)
-    value = stage(host_value, device)
+    # a transposed slice (<= 0.2 GB for Grok-1) goes to the device whole; untransposed ones (the 3 GB
+    # embedding) are read and moved a row chunk at a time
+    value = stage(host_value, device) if t.transpose else host_value
     ctx = {}
     if enc.kind == "fp8" and enc.scheme == "tensor":
         from .quant.fp8 import fp8_scales_from_amax
