@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from .config import CONFIG_FILE
-from .errors import CheckpointFormatError, LayoutError
+from .errors import LayoutError
 from .export import ENCODINGS, Encoding, SourceRows, encode_chunk, encoding_for, stage, tensor_amax
 from .formats.atomic import TMP_SUFFIX, atomic_write_text
 from .formats.base import CheckpointReader, open_checkpoint
-from .formats.safetensors_io import DTYPES, ShardPlan, read_header
+from .formats.safetensors_io import DTYPES, ShardPlan
 from .mapping import Layout, Target, load_layout
 from .quant.metrics import ErrorAccumulator
 from .tensor import QInt8, from_torch

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from .runtime import peak_memory, resolve_device
-from .errors import GrokconvError
 from .formats.base import CheckpointReader
 from .schema import LAYER_PREFIX, parse_layers
 from .tensor import as_dense

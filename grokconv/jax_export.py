@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import CONFIG_FILE
 from .convert import REPORT_FILE, Summary

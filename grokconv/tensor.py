@@ -6,10 +6,15 @@ Arrays are read-only views on mmapped files wherever the format allows.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # torch is imported where it is used, so reading headers (inspect, planning) starts in milliseconds
 

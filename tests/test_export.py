@@ -1,11 +1,9 @@
 """Original -> HF safetensors (three layouts, bf16 / lossless int8) -> original, streaming and resumable."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np

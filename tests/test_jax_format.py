@@ -1,5 +1,4 @@
 """The original format: byte layout, safe reading, validation, dequantization, synthesis."""
-import math
 import os
 import pickle
 

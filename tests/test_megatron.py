@@ -115,7 +115,7 @@ def test_rank_files_names_shapes_and_splits(megatron_dirs, orig, tp, pp, ep):
     assert (dst / "latest_checkpointed_iteration.txt").read_text() == "release"
     dirs = sorted(d.name for d in (dst / "release").iterdir())
     assert dirs == sorted(rank_dir(t, p, e, pp, ep) for t in range(tp) for p in range(pp) for e in range(ep))
-    D, F, E, V = cfg.emb_size, cfg.ffn_size, cfg.num_experts, cfg.vocab_size
+    F, E, V = cfg.ffn_size, cfg.num_experts, cfg.vocab_size
     Q = cfg.q_size
     lpp = cfg.num_layers // pp
     Vp = padded(V, tp)

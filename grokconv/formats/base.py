@@ -1,10 +1,15 @@
 """The reader interface every format implements, and format detection."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from ..config import GrokConfig
 from ..errors import CheckpointFormatError, MissingTensorError

@@ -6,11 +6,9 @@ unpickled and nothing is copied. Writing emits the release's exact bytes (``pick
 from __future__ import annotations
 
 import mmap
-import os
 import re
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from ..config import GrokConfig, find_config
