@@ -12,12 +12,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import CONFIG_FILE, GrokConfig, ffn_size, load_preset
 from ..errors import CheckpointFormatError, MissingTensorError
 from ..mapping import Layout, detect_layout
-from ..tensor import QInt8, from_torch, to_torch
+from ..tensor import QInt8, dequantize, from_torch, to_torch
 from .base import CheckpointReader, StoredTensor, register_format
 from .safetensors_io import SafetensorsFile
 
@@ -118,7 +117,8 @@ class SafetensorsCheckpoint(CheckpointReader):
             parts = [self.load(name, e) for e in range(spec.shape[0])]
             if all(isinstance(p, QInt8) for p in parts):
                 return QInt8(np.stack([p.weight for p in parts]), np.stack([p.scales for p in parts]))
-            return np.stack([from_torch(_dense(p)) if isinstance(p, QInt8) else np.asarray(p) for p in parts])
+            return np.stack([from_torch(dequantize(p, "f32")) if isinstance(p, QInt8) else np.asarray(p)
+                             for p in parts])
         key = (name, index if entry.split_experts else None)
         module = self._canon.get(key)
         if module is None:
@@ -159,15 +159,21 @@ class SafetensorsCheckpoint(CheckpointReader):
     def _dequant_fp8(self, base: str) -> np.ndarray:
         from ..quant.fp8 import dequantize_fp8
         q = to_torch(self._array(base + "weight"))
-        if self._has(base + "weight_scale_inv"):
-            s, scheme = self._array(base + "weight_scale_inv"), "block"
-        else:
-            s = self._array(base + "weight_scale")
-            scheme = "tensor" if s.size == 1 else "channel" if s.ndim == 2 and s.shape[1] == 1 and \
-                s.shape[0] == q.shape[0] else "block"
+        scheme, scale_name = self._fp8_scheme(base)
+        s = self._array(base + scale_name)
         block = tuple(self.qconfig.get("weight_block_size") or _ct_block(self.qconfig) or (128, 128))
         s_t = to_torch(s).float()
         return from_torch(dequantize_fp8(q, s_t.reshape(1) if scheme == "tensor" else s_t, scheme, block))
+
+    def _fp8_scheme(self, base: str) -> tuple[str, str]:
+        """(scheme, scale tensor suffix) of an fp8 module, from the scale's header shape alone."""
+        if self._has(base + "weight_scale_inv"):
+            return "block", "weight_scale_inv"
+        if not self._has(base + "weight_scale"):
+            return "unknown", ""
+        shape = self.files[self.where[base + "weight_scale"]].tensors[base + "weight_scale"].shape
+        scheme = "tensor" if math.prod(shape) == 1 else "channel" if len(shape) == 2 and shape[1] == 1 else "block"
+        return scheme, "weight_scale"
 
     def release(self, name: str, index: int | None = None, rows=None) -> None:
         """Drop the mapped pages of every stored tensor behind one canonical parameter (or expert)."""
@@ -192,7 +198,7 @@ class SafetensorsCheckpoint(CheckpointReader):
             if suf in ("weight_packed",):
                 quant = {"scheme": "int8 (compressed-tensors pack-quantized)"}
             elif t.dtype.startswith("F8"):
-                quant = {"scheme": "fp8-" + _fp8_scheme(self, mod)}
+                quant = {"scheme": "fp8-" + self._fp8_scheme(mod[: -len("weight")])[0]}
             elif suf:
                 quant = {"part": suf}
             out.append(StoredTensor(n, t.shape, t.dtype, t.nbytes, str(self.path / self.where[n]), quant))
@@ -216,22 +222,6 @@ def _ct_block(qc: dict):
         if b:
             return b
     return None
-
-
-def _fp8_scheme(ck: SafetensorsCheckpoint, module: str) -> str:
-    base = module[: -len("weight")]
-    if ck._has(base + "weight_scale_inv"):
-        return "block"
-    s = ck.files[ck.where[base + "weight_scale"]].tensors[base + "weight_scale"] if ck._has(base + "weight_scale") \
-        else None
-    if s is None:
-        return "unknown"
-    return "tensor" if math.prod(s.shape) == 1 else "channel" if len(s.shape) == 2 and s.shape[1] == 1 else "block"
-
-
-def _dense(v) -> torch.Tensor:
-    from ..tensor import dequantize
-    return dequantize(v, "f32")
 
 
 register_format("safetensors", _detect,
