@@ -160,12 +160,14 @@ def test_killed_run_resumes_with_range_and_keeps_finished_files(hub, tmp_path):
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "grokconv.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the big file's partial (named by its sha256): another file's .part may be renamed at any moment
+    big_part = dest / ".grokconv/partial" / f"{hashlib.sha256(hub.repos['test/big'].files[BIG_FILE]).hexdigest()}.part"
+    parts = [big_part]
     try:
         deadline = time.monotonic() + 60
         while True:  # the big file half on disk, every other file finished
-            parts = list((dest / ".grokconv/partial").glob("*.part"))
             done = [p for p in (dest / "ckpt-0").glob("tensor*")] if (dest / "ckpt-0").is_dir() else []
-            if parts and parts[0].stat().st_size >= 10 << 20 and len(done) == len(ckpt_paths()) - 1:
+            if big_part.exists() and big_part.stat().st_size >= 10 << 20 and len(done) == len(ckpt_paths()) - 1:
                 break
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the first run never reached the stall"
