@@ -4,6 +4,7 @@ from __future__ import annotations
 __all__ = [
     "GrokconvError", "CheckpointFormatError", "UnsafePickleError", "MissingTensorError",
     "ShapeMismatchError", "TruncatedFileError", "LayoutError", "DownloadError", "ParityError",
+    "EngineUnavailableError",
 ]
 
 
@@ -56,3 +57,7 @@ class DownloadError(GrokconvError, OSError):
 
 class ParityError(GrokconvError, AssertionError):
     """A parity threshold was exceeded."""
+
+
+class EngineUnavailableError(GrokconvError, ImportError):
+    """``parity --engine`` asked for an engine whose library is not installed."""
