@@ -48,13 +48,17 @@ from .units import format_bytes
 
 __all__ = ["MegatronLayout", "load_megatron_layout", "TensorMapping", "DirectMapping", "VocabMapping",
            "QKVMapping", "GatedMLPMapping", "RankPlan", "MegatronPlan", "plan_megatron", "megatron_args",
-           "to_megatron", "read_block", "TRACKER_FILE", "RANK_FILE", "RELEASE_DIR", "CHECKPOINT_VERSION"]
+           "to_megatron", "read_block", "IMPLS", "DEFAULT_IMPL", "TRACKER_FILE", "RANK_FILE", "RELEASE_DIR", "CHECKPOINT_VERSION"]
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 RELEASE_DIR = "release"
 CHECKPOINT_VERSION = 3.0
 MAPPING_FILE = MAPPINGS_DIR / "megatron.json"
+# the layer spec a checkpoint is named for (grokconv/mcore/spec.py): Megatron-Core's own modules
+# ("local", input norm ``input_layernorm``) or Transformer Engine's (input norm fused into linear_qkv)
+IMPLS = ("local", "transformer_engine")
+DEFAULT_IMPL = "local"
 _DEQUANT_CHUNK = 1 << 24          # elements per float32 temporary when dequantizing a block (64 MiB)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -266,13 +270,27 @@ _FUSED = {"qkv": (QKVMapping, ("q", "k", "v")), "gated": (GatedMLPMapping, ("gat
 
 
 class MegatronLayout:
-    def __init__(self, data: dict, path: Path | None = None, pad_mode: str = "replicate"):
+    """The layout for one ``transformer_impl`` (``local`` or ``transformer_engine``): an entry whose
+    ``to`` is a table keyed by impl (the input norm: fused into ``linear_qkv`` with Transformer Engine,
+    a module of its own otherwise) takes that impl's name."""
+
+    def __init__(self, data: dict, path: Path | None = None, pad_mode: str = "replicate",
+                 impl: str = DEFAULT_IMPL):
         self.name = data["layout"]
+        self.impl = impl
+        self.impls = tuple(data.get("impls", (DEFAULT_IMPL,)))
+        if impl not in self.impls:
+            raise LayoutError(f"unknown transformer impl {impl!r}; choose {' or '.join(self.impls)}", path=path)
         self.args_template = data.get("args", {})
         dtypes = {role: _DTYPES[d] for role, d in data.get("dtypes", {}).items()}
         self.mappings: list[TensorMapping] = []
         fused: dict[tuple, dict] = {}
         for e in data["tensors"]:
+            if isinstance(e["to"], dict):
+                if set(e["to"]) != set(self.impls):
+                    raise LayoutError(f"entry {e['from']!r}: names for {sorted(e['to'])}, the layout's impls are "
+                                      f"{list(self.impls)}", path=path)
+                e = {**e, "to": e["to"][impl]}
             common = dict(role=e["role"], split=e.get("tp", "replicated"), transpose=bool(e.get("transpose")),
                           experts=e.get("experts") == "split", stage=e.get("stage"),
                           dtype=dtypes.get(e["role"], torch.bfloat16))
@@ -328,10 +346,10 @@ class MegatronLayout:
                 raise LayoutError(f"layout {self.name!r}: {s.name} matches {hits} entries, expected 1")
 
 
-@lru_cache(maxsize=4)
-def load_megatron_layout(pad_mode: str = "replicate") -> MegatronLayout:
+@lru_cache(maxsize=8)
+def load_megatron_layout(pad_mode: str = "replicate", impl: str = DEFAULT_IMPL) -> MegatronLayout:
     try:
-        return MegatronLayout(json.loads(MAPPING_FILE.read_text()), MAPPING_FILE, pad_mode)
+        return MegatronLayout(json.loads(MAPPING_FILE.read_text()), MAPPING_FILE, pad_mode, impl)
     except (KeyError, json.JSONDecodeError) as e:
         raise LayoutError(f"malformed mapping file: {e!r}", path=MAPPING_FILE) from None
 
@@ -404,9 +422,10 @@ def _has_output_layer(par: Parallel) -> bool:
     return par.untie or par.pp > 1
 
 
-def plan_megatron(cfg: GrokConfig, par: Parallel, pad_mode: str = "replicate") -> MegatronPlan:
+def plan_megatron(cfg: GrokConfig, par: Parallel, pad_mode: str = "replicate", impl: str = DEFAULT_IMPL
+                  ) -> MegatronPlan:
     validate_parallel(cfg, par)
-    lay = load_megatron_layout(pad_mode)
+    lay = load_megatron_layout(pad_mode, impl)
     lay.check_coverage(cfg)
     ranks = []
     for t, p, e in par.ranks():
@@ -441,11 +460,14 @@ def plan_megatron(cfg: GrokConfig, par: Parallel, pad_mode: str = "replicate") -
     return MegatronPlan(cfg, par, ranks)
 
 
-def megatron_args(cfg: GrokConfig, par: Parallel, pad_mode: str = "replicate") -> argparse.Namespace:
-    """The ``args`` Namespace Megatron reads from a checkpoint, filled from the layout's ``args`` template."""
-    lay = load_megatron_layout(pad_mode)
+def megatron_args(cfg: GrokConfig, par: Parallel, pad_mode: str = "replicate", impl: str = DEFAULT_IMPL
+                  ) -> argparse.Namespace:
+    """The ``args`` Namespace Megatron reads from a checkpoint, filled from the layout's ``args`` template:
+    Megatron-LM argument names and Megatron-Core ``TransformerConfig`` fields only, and what Grok-1 needs
+    beyond them under ``grokconv_*`` keys."""
+    lay = load_megatron_layout(pad_mode, impl)
     values = cfg.to_dict()
-    values.update(
+    values.update(transformer_impl=impl,
         tp=par.tp, pp=par.pp, ep=par.ep, vp=par.vp, untie=par.untie,
         make_vocab_size_divisible_by=par.make_vocab_size_divisible_by,
         padded_vocab_size=padded_vocab_size(cfg.vocab_size, par.make_vocab_size_divisible_by, par.tp),
@@ -518,7 +540,7 @@ def _rank_complete(path: Path, args: argparse.Namespace) -> bool:
 
 def to_megatron(src, dst, *, tp: int = 1, pp: int = 1, ep: int = 1, vp: int | None = None, untie: bool = False,
                 memory_limit=None, vocab_pad: str = "replicate", make_vocab_size_divisible_by: int = 128,
-                dry_run: bool = False, progress: bool = True, echo=print):
+                transformer_impl: str = DEFAULT_IMPL, dry_run: bool = False, progress: bool = True, echo=print):
     """Write ``src`` (any readable checkpoint, or an open reader) as a Megatron-Core release checkpoint.
 
     Returns the :class:`MegatronPlan` when ``dry_run``, else a :class:`grokconv.convert.Summary`.
@@ -537,12 +559,12 @@ def to_megatron(src, dst, *, tp: int = 1, pp: int = 1, ep: int = 1, vp: int | No
                           path=reader.path)
     # vp=1 is no virtual pipeline: Megatron saves a one-chunk model list as "model"
     par = Parallel(tp, pp, ep, None if vp in (None, 0, 1) else vp, untie, make_vocab_size_divisible_by)
-    plan = plan_megatron(cfg, par, vocab_pad)
+    plan = plan_megatron(cfg, par, vocab_pad, transformer_impl)
     plan.memory_limit = default_memory_limit() if memory_limit is None else parse_size(memory_limit)
     if dry_run:
         return plan                        # the caller shows the plan, and whether it fits
     check_memory(plan, plan.memory_limit)
-    args = megatron_args(cfg, par, vocab_pad)
+    args = megatron_args(cfg, par, vocab_pad, transformer_impl)
     dst = Path(dst)
     release = dst / RELEASE_DIR
     planned = {r.dirname for r in plan.ranks}

@@ -46,7 +46,16 @@ def padded(V, TP):
     return (V + m - 1) // m * m
 
 
-def expected_keys(cfg: GrokConfig, TP, PP, EP, p, untie=False):
+# the input norm's name is the only one that depends on the layer spec's impl (Megatron-Core
+# gpt_layer_specs.py: local spec input_layernorm, TE spec fused into linear_qkv); the post-norms are
+# grokconv.mcore.spec's (post-attention: Megatron-Bridge's linear_proj.post_layernorm)
+INPUT_NORM = {"local": "input_layernorm.weight",
+              "transformer_engine": "self_attention.linear_qkv.layer_norm_weight"}
+NORMS = ("self_attention.linear_proj.post_layernorm.weight", "pre_mlp_layernorm.weight",
+         "post_mlp_layernorm.weight")
+
+
+def expected_keys(cfg: GrokConfig, TP, PP, EP, p, untie=False, impl="local"):
     """{key: (shape, dtype)} of one rank file's "model" (no virtual pipeline)."""
     D, F, E, hd = cfg.emb_size, cfg.ffn_size, cfg.num_experts, cfg.key_size
     nq, nkv = cfg.num_q_heads, cfg.num_kv_heads
@@ -55,11 +64,11 @@ def expected_keys(cfg: GrokConfig, TP, PP, EP, p, untie=False):
         out["embedding.word_embeddings.weight"] = ((padded(cfg.vocab_size, TP) // TP, D), torch.float32)
     for li in range(cfg.num_layers // PP):
         pre = f"decoder.layers.{li}."
-        out[pre + "self_attention.linear_qkv.layer_norm_weight"] = ((D,), torch.float32)
+        out[pre + INPUT_NORM[impl]] = ((D,), torch.float32)
         out[pre + "self_attention.linear_qkv.weight"] = (((nq + 2 * nkv) * hd // TP, D), torch.bfloat16)
         out[pre + "self_attention.linear_proj.weight"] = ((D, nq * hd // TP), torch.bfloat16)
-        for n in ("post_self_attn_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm"):
-            out[pre + n + ".weight"] = ((D,), torch.float32)
+        for n in NORMS:
+            out[pre + n] = ((D,), torch.float32)
         out[pre + "mlp.router.weight"] = ((E, D), torch.float32)
         for j in range(E // EP):
             out[pre + f"mlp.experts.local_experts.{j}.linear_fc1.weight"] = ((2 * F // TP, D), torch.bfloat16)
@@ -254,9 +263,7 @@ def test_qkv_interleave_and_fc1_fusion_by_index(tmp_path, tp, pp, ep):
                     proj = model[pre + "self_attention.linear_proj.weight"].float()
                     q = cfg.q_size // tp
                     assert torch.equal(proj, ((torch.arange(q) + t * q + 1) * s).expand(cfg.emb_size, q))
-                    for name, k in (("self_attention.linear_qkv.layer_norm_weight", 0),
-                                    ("post_self_attn_layernorm.weight", 1), ("pre_mlp_layernorm.weight", 2),
-                                    ("post_mlp_layernorm.weight", 3)):
+                    for name, k in ((INPUT_NORM["local"], 0), (NORMS[0], 1), (NORMS[1], 2), (NORMS[2], 3)):
                         assert model[pre + name][0].item() == 100 * k + 10000 * g_layer, name
                     assert model[pre + "mlp.router.weight"][3, 5].item() == 5 + 3000
                 if p == 0:

@@ -40,10 +40,14 @@ def _summary(s) -> str:
               help="Padding rows of the vocab-parallel embedding: replicate the last row (as Megatron's "
                    "converter does) or zeros.")
 @click.option("--make-vocab-size-divisible-by", default=128, show_default=True, type=int)
+@click.option("--transformer-impl", type=click.Choice(["local", "transformer_engine"]), default="local",
+              show_default=True,
+              help="The Megatron-Core layer spec the checkpoint is named for (grokconv.mcore.spec): local names the "
+                   "input norm input_layernorm, transformer_engine fuses it into self_attention.linear_qkv.")
 @click.option("--dry-run", is_flag=True, help="Print every rank file and its size; write nothing.")
 @click.option("--no-progress", is_flag=True)
-def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_vocab_size_divisible_by, dry_run,
-                no_progress):
+def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_vocab_size_divisible_by,
+                transformer_impl, dry_run, no_progress):
     """Write SRC (any checkpoint grokconv reads) as a Megatron-Core release checkpoint in DST.
 
     DST/release/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt, one file per rank, each
@@ -52,7 +56,7 @@ def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_v
     from ..megatron import to_megatron as write_megatron
     res = write_megatron(src, dst, tp=tp, pp=pp, ep=ep, vp=vp, untie=untie, memory_limit=memory_limit,
                          vocab_pad=vocab_pad, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                         dry_run=dry_run, progress=not no_progress)
+                         transformer_impl=transformer_impl, dry_run=dry_run, progress=not no_progress)
     if dry_run:
         for rp in res.ranks:
             click.echo(f"{rp.relpath}  {format_bytes(rp.nbytes)}  {len(rp.tensors)} tensors")

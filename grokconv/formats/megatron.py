@@ -163,7 +163,8 @@ class MegatronCheckpoint(CheckpointReader):
             raise MissingTensorError(f"{len(missing)} rank file(s) missing for tp={self.par.tp} pp={self.par.pp} "
                                      f"ep={self.par.ep}, first {missing[0]}/{RANK_FILE}", path=self.iter_dir)
         cfg = self._config(root)
-        self.layout = load_megatron_layout(getattr(args, "grokconv_vocab_padding", "replicate"))
+        self.impl = _transformer_impl(head, args)
+        self.layout = load_megatron_layout(getattr(args, "grokconv_vocab_padding", "replicate"), self.impl)
         self._check_args(cfg)
         self._files: OrderedDict = OrderedDict()
         self._lock = threading.Lock()          # to_safetensors reads from worker threads
@@ -306,7 +307,7 @@ class MegatronCheckpoint(CheckpointReader):
         from ..megatron import plan_megatron
         probs = []
         pad = getattr(self.args, "grokconv_vocab_padding", "replicate")
-        plan = plan_megatron(self.config, self.par, pad)
+        plan = plan_megatron(self.config, self.par, pad, self.impl)
         for rp in plan.ranks:
             obj = self._rank(rp.tp, rp.pp, rp.ep)
             keys = plan.model_keys()
@@ -325,6 +326,19 @@ class MegatronCheckpoint(CheckpointReader):
         self._files.clear()
 
 
+def _transformer_impl(head: dict, args: argparse.Namespace) -> str:
+    """The layer spec a checkpoint is named for: by its input-norm keys (the only names that differ),
+    else ``args.transformer_impl``."""
+    model = head.get("model", head.get("model0"))
+    keys = model.keys() if isinstance(model, dict) else ()
+    if any(k.endswith(".input_layernorm.weight") for k in keys):
+        return "local"
+    if any(k.endswith(".self_attention.linear_qkv.layer_norm_weight") for k in keys):
+        return "transformer_engine"
+    impl = getattr(args, "transformer_impl", None)
+    return impl if impl in ("local", "transformer_engine") else "local"
+
+
 def _config_from_args(a: argparse.Namespace, where) -> GrokConfig:
     """A GrokConfig from Megatron args alone (a checkpoint written by something other than grokconv)."""
     base = load_preset("grok-1")
@@ -337,10 +351,10 @@ def _config_from_args(a: argparse.Namespace, where) -> GrokConfig:
     except (AttributeError, TypeError, ValueError) as e:
         raise CheckpointFormatError(f"args lack what a Grok-1 config needs ({e}); add {CONFIG_FILE} beside "
                                     "latest_checkpointed_iteration.txt", path=where) from None
-    for src, dst in (("softmax_scale", "attn_output_multiplier"), ("attn_logit_softcapping", "max_attn_value"),
-                     ("embedding_multiplier_scale", "embedding_multiplier_scale"),
-                     ("output_multiplier_scale", "output_multiplier_scale"), ("rotary_base", "rope_base"),
-                     ("norm_epsilon", "rms_norm_eps")):
+    for src, dst in (("softmax_scale", "attn_output_multiplier"), ("grokconv_attn_logit_cap", "max_attn_value"),
+                     ("grokconv_embedding_multiplier", "embedding_multiplier_scale"),
+                     ("grokconv_output_multiplier", "output_multiplier_scale"), ("rotary_base", "rope_base"),
+                     ("layernorm_epsilon", "rms_norm_eps")):
         v = getattr(a, src, None)
         if v is not None:
             fields[dst] = float(v)
