@@ -416,35 +416,48 @@ def test_hostile_rank_file_is_refused_without_running_it(tmp_path, monkeypatch):
 
 
 def test_megatron_enums_in_args_load_as_inert_stand_ins(megatron_dirs, tmp_path):
-    """Real Megatron args carry enums (megatron.core.transformer.enums.AttnBackend): read, never imported."""
+    """Real Megatron args carry enums (megatron.core.transformer.enums.AttnBackend): read as stand-ins,
+    never imported. With megatron-core installed and imported (the megatron-core engine tests) the real
+    enum is pickled; without it, a look-alike class under the same module name."""
     import shutil
     dst = tmp_path / "m"
     shutil.copytree(megatron_dirs(), dst)
     f = dst / "release" / "mp_rank_00" / "model_optim_rng.pt"
     sd = load_pt(f)
-    mod = types.ModuleType("megatron.core.transformer.enums")
-
-    class AttnBackend:
-        def __init__(self, v=0):
-            self.v = v
-
-        def __reduce__(self):
-            return (AttnBackend, (self.v,))
-    AttnBackend.__module__ = mod.__name__
-    AttnBackend.__qualname__ = "AttnBackend"
-    mod.AttnBackend = AttnBackend
-    chain = ["megatron", "megatron.core", "megatron.core.transformer"]
-    assert not any(n in sys.modules for n in chain + [mod.__name__]), "a real megatron is imported"
-    fake = {n: types.ModuleType(n) for n in chain} | {mod.__name__: mod}
-    sys.modules.update(fake)             # only so pickle can name the class; removed right after
-    try:
-        sd["args"].attention_backend = AttnBackend(5)
+    if "megatron.core" in sys.modules:
+        from megatron.core.transformer.enums import AttnBackend as Real
+        sd["args"].attention_backend = Real.auto
         torch.save(sd, f)
-    finally:
-        for n in fake:
-            del sys.modules[n]
+    else:
+        mod = types.ModuleType("megatron.core.transformer.enums")
+
+        class AttnBackend:
+            def __init__(self, v=0):
+                self.v = v
+
+            def __reduce__(self):
+                return (AttnBackend, (self.v,))
+        AttnBackend.__module__ = mod.__name__
+        AttnBackend.__qualname__ = "AttnBackend"
+        mod.AttnBackend = AttnBackend
+        chain = ["megatron", "megatron.core", "megatron.core.transformer"]
+        assert not any(n in sys.modules for n in chain + [mod.__name__])
+        fake = {n: types.ModuleType(n) for n in chain} | {mod.__name__: mod}
+        sys.modules.update(fake)             # only so pickle can name the class; removed right after
+        try:
+            sd["args"].attention_backend = AttnBackend(5)
+            torch.save(sd, f)
+        finally:
+            for n in fake:
+                del sys.modules[n]
     r = open_checkpoint(dst)
-    assert r.args.attention_backend.args == (5,)
+    got = r.args.attention_backend
+    if "megatron.core" in sys.modules:
+        # megatron/core/safe_globals.py registers its enums with torch's weights_only loader: the real
+        # enum comes back, through torch's allow-list, not ours
+        assert got is Real.auto
+    else:
+        assert got.args == (5,) and type(got).__module__ != mod.__name__
     assert torch.equal(r.dense("language_model/rms_norm/scale", "f32"),
                        open_checkpoint(megatron_dirs()).dense("language_model/rms_norm/scale", "f32"))
 
@@ -467,3 +480,26 @@ def test_read_block_is_a_block_of_the_reference_dequantization(orig, monkeypatch
         rows, cols = slice(37, full.shape[0] - 11), slice(3, full.shape[1] - 5)
         got = gm.read_block(orig, name, index, rows, cols)
         assert torch.equal(got.view(torch.int16), full[rows, cols].contiguous().view(torch.int16)), name
+
+
+def test_transformer_impl_names_the_input_norm_and_both_read_back(tiny_ckpt, orig, tmp_path):
+    """--transformer-impl picks the input norm's name from the mapping data; the reader takes either."""
+    from click.testing import CliRunner
+    from grokconv.cli import main
+    d = tmp_path / "te"
+    res = CliRunner().invoke(main, ["to-megatron", str(tiny_ckpt), str(d), "--tp", "2",
+                                    "--transformer-impl", "transformer_engine", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    for t in range(2):
+        sd = load_pt(d / "release" / rank_dir(t, 0, 0, 1, 1) / "model_optim_rng.pt")
+        assert set(sd["model"]) == set(expected_keys(TINY, 2, 1, 1, 0, impl="transformer_engine"))
+        assert sd["args"].transformer_impl == "transformer_engine"
+    r = open_checkpoint(d)
+    assert r.impl == "transformer_engine" and r.problems() == []
+    name = L(4, "rms_norm/scale")
+    assert torch.equal(r.dense(name, "f32"), orig.dense(name, "f32"))
+    to_megatron(tiny_ckpt, tmp_path / "local", progress=False)
+    local = open_checkpoint(tmp_path / "local")
+    assert local.impl == "local" and torch.equal(local.dense(name, "f32"), orig.dense(name, "f32"))
+    with pytest.raises(LayoutError, match="unknown transformer impl 'te'"):
+        to_megatron(tiny_ckpt, tmp_path / "bad", transformer_impl="te", progress=False)
