@@ -48,7 +48,8 @@ from .units import format_bytes
 
 __all__ = ["MegatronLayout", "load_megatron_layout", "TensorMapping", "DirectMapping", "VocabMapping",
            "QKVMapping", "GatedMLPMapping", "RankPlan", "MegatronPlan", "plan_megatron", "megatron_args",
-           "to_megatron", "read_block", "IMPLS", "DEFAULT_IMPL", "TRACKER_FILE", "RANK_FILE", "RELEASE_DIR", "CHECKPOINT_VERSION"]
+           "to_megatron", "read_block", "IMPLS", "DEFAULT_IMPL", "TRACKER_FILE", "RANK_FILE", "RELEASE_DIR",
+           "CHECKPOINT_VERSION"]
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"

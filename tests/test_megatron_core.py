@@ -184,7 +184,8 @@ def test_args_hold_only_megatron_names_and_build_the_config(meg):
         assert gone not in args
     a = load_rank_file(meg(tp=2) / "release/mp_rank_00/model_optim_rng.pt")["args"]
     c = transformer_config(a, dtype="bf16", tp=1)
-    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, c.kv_channels) == (12, 256, 16, 8, 16)
+    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, c.kv_channels) == \
+        (12, 256, 16, 8, 16)
     assert (c.num_moe_experts, c.moe_router_topk, c.moe_router_pre_softmax, c.moe_router_dtype) == (8, 2, True, "fp32")
     assert c.moe_router_topk_scaling_factor is None and c.gated_linear_unit and c.softmax_scale == 0.25
     assert c.normalization == "RMSNorm" and not c.add_bias_linear and c.params_dtype == torch.bfloat16

@@ -150,7 +150,7 @@ def _start_method() -> str:
         return forced
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return "spawn"
-    multiprocessing.set_forkserver_preload(["torch", "megatron.core", __name__])
+    multiprocessing.set_forkserver_preload(["torch", "megatron.core", "grokconv.engines.megatron_core"])
     return "forkserver"
 
 
@@ -212,3 +212,37 @@ def logits(path, tokens, *, dtype: str = "bf16") -> np.ndarray:
                             where=where)
     reader.close()
     return np.ascontiguousarray(out[..., :cfg.vocab_size], dtype=np.float32)
+
+
+def _main(argv=None) -> int:
+    """``python -m grokconv.engines.megatron_core DIR``: Megatron-Core's logits on a Megatron checkpoint
+    against grokconv's reference forward on the same checkpoint (seeded tokens, the last row left-padded)."""
+    import argparse as ap
+    import torch
+    from ..forward import forward
+    from ..parity import compare_logits, random_tokens
+    p = ap.ArgumentParser(prog="python -m grokconv.engines.megatron_core")
+    p.add_argument("path")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--pad", type=int, default=3, help="pad tokens at the start of the last row")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    reader = _open(a.path)
+    tok = random_tokens(reader.config.vocab_size, a.batch, a.seq_len, a.seed, reader.config.pad_token).numpy()
+    tok[-1, :a.pad] = reader.config.pad_token
+    ref = forward(reader, tok, dtype=a.dtype).logits
+    # through the imported module, not __main__, so that the rank processes find _worker by its real name
+    engine = __import__("grokconv.engines.megatron_core", fromlist=["logits"])
+    got = torch.from_numpy(engine.logits(a.path, tok, dtype=a.dtype))
+    s = compare_logits(ref, got)
+    rel = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+    print(f"megatron-core {__import__('megatron.core', fromlist=['__version__']).__version__} tp={reader.par.tp} "
+          f"pp={reader.par.pp} ep={reader.par.ep} {a.dtype}, {a.batch}x{a.seq_len} tokens: logits rel L2 {rel:.3g}, "
+          f"max abs {s.max_abs:.3g} (reference max {ref.abs().max().item():.3g}), KL {s.kl:.3g}, top-1 {s.top1:.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

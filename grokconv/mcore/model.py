@@ -21,6 +21,7 @@ import os
 import tempfile
 
 import torch
+from megatron.core.models.gpt import GPTModel
 
 __all__ = ["transformer_config", "build_model", "GrokGPTModel", "cpu_stand_ins", "model_parallel",
            "has_mup", "multipliers"]
@@ -92,36 +93,25 @@ def transformer_config(args, *, dtype: str = "bf16", tp: int | None = None, ep: 
     return TransformerConfig(**kw)
 
 
-def _gpt_model_class():
-    from megatron.core.models.gpt import GPTModel
+class GrokGPTModel(GPTModel):
+    """GPTModel with Grok-1's embedding and output multipliers (for Megatron-Core without ``use_mup``):
+    ``embedding(...) * emb`` and ``output_layer(...) * out``, as forward hooks, so the parameters and
+    their names are GPTModel's."""
 
-    class GrokGPTModel(GPTModel):
-        """GPTModel with Grok-1's embedding and output multipliers (for Megatron-Core without
-        ``use_mup``): ``embedding(...) * emb`` and ``output_layer(...) * out``, as forward hooks, so the
-        parameters and their names are GPTModel's."""
+    def __init__(self, *args, embedding_multiplier: float = 1.0, output_multiplier: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embedding_multiplier, self.output_multiplier = float(embedding_multiplier), float(output_multiplier)
+        if self.pre_process:
+            self.embedding.register_forward_hook(self._scale_embeddings)
+        if self.post_process:
+            self.output_layer.register_forward_hook(self._scale_output)
 
-        def __init__(self, *args, embedding_multiplier: float = 1.0, output_multiplier: float = 1.0, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.embedding_multiplier, self.output_multiplier = float(embedding_multiplier), float(output_multiplier)
-            if self.pre_process:
-                self.embedding.register_forward_hook(self._scale_embeddings)
-            if self.post_process:
-                self.output_layer.register_forward_hook(self._scale_output)
+    def _scale_embeddings(self, module, inputs, output):
+        return output * self.embedding_multiplier
 
-        def _scale_embeddings(self, module, inputs, output):
-            return output * self.embedding_multiplier
-
-        def _scale_output(self, module, inputs, output):
-            logits, bias = output
-            return logits * self.output_multiplier, bias
-
-    return GrokGPTModel
-
-
-def __getattr__(name):
-    if name == "GrokGPTModel":
-        return _gpt_model_class()
-    raise AttributeError(name)
+    def _scale_output(self, module, inputs, output):
+        logits, bias = output
+        return logits * self.output_multiplier, bias
 
 
 def build_model(args, *, dtype: str = "bf16", impl: str | None = None, parallel_output: bool = False, **config_kw):
@@ -134,15 +124,14 @@ def build_model(args, *, dtype: str = "bf16", impl: str | None = None, parallel_
     common = dict(config=config, transformer_layer_spec=spec, vocab_size=int(args.padded_vocab_size),
                   max_sequence_length=int(_arg(args, "max_position_embeddings", args.seq_length)),
                   pre_process=True, post_process=True, parallel_output=parallel_output,
-                  share_embeddings_and_output_weights=not bool(_arg(args, "untie_embeddings_and_output_weights", False)),
+                  share_embeddings_and_output_weights=not _arg(args, "untie_embeddings_and_output_weights", False),
                   position_embedding_type="rope", rotary_percent=float(_arg(args, "rotary_percent", 1.0)),
                   rotary_base=int(_arg(args, "rotary_base", 10000)))
     if has_mup():
-        from megatron.core.models.gpt import GPTModel
         model = GPTModel(**common)
     else:
         emb, out = multipliers(args, dtype)
-        model = _gpt_model_class()(**common, embedding_multiplier=emb, output_multiplier=out)
+        model = GrokGPTModel(**common, embedding_multiplier=emb, output_multiplier=out)
     # parameters are params_dtype as Megatron builds them, except the float32 ones Grok-1 keeps float32:
     # the router (Megatron-Core allocates it so) and the GrokRMSNorm scales
     return model
