@@ -190,27 +190,29 @@ def logits(path, tokens, *, dtype: str = "bf16") -> np.ndarray:
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be bf16 or fp32, got {dtype!r}")
     reader = _open(path)
-    if reader.impl == "transformer_engine":
-        _require_te(reader.iter_dir)
-    cfg = reader.config
-    tokens = _check_tokens(tokens, cfg.vocab_size)
-    par = reader.par
-    if par.pp == 1 and par.vp is None and par.tp * par.ep > 1:
-        out = _spawn(reader, tokens, dtype)
-    else:
-        from ..mcore.model import cpu_stand_ins, model_parallel
-        if par.pp == 1 and par.vp is None:
-            from ..formats.megatron import RANK_FILE, load_rank_file
-            f = reader.iter_dir / "mp_rank_00" / RANK_FILE
-            sd = load_rank_file(f)
-            args, state, where = sd["args"], sd["model"], f
+    try:
+        if reader.impl == "transformer_engine":
+            _require_te(reader.iter_dir)
+        cfg = reader.config
+        tokens = _check_tokens(tokens, cfg.vocab_size)
+        par = reader.par
+        if par.pp == 1 and par.vp is None and par.tp * par.ep > 1:
+            out = _spawn(reader, tokens, dtype)
         else:
-            args, state = _merged(reader)
-            where = reader.iter_dir
-        with cpu_stand_ins(), model_parallel(1, 1):
-            out = run_model(args, state, tokens, dtype=dtype, pad_token=cfg.pad_token, impl=reader.impl,
-                            where=where)
-    reader.close()
+            from ..mcore.model import cpu_stand_ins, model_parallel
+            if par.pp == 1 and par.vp is None:
+                from ..formats.megatron import RANK_FILE, load_rank_file
+                f = reader.iter_dir / "mp_rank_00" / RANK_FILE
+                sd = load_rank_file(f)
+                args, state, where = sd["args"], sd["model"], f
+            else:
+                args, state = _merged(reader)
+                where = reader.iter_dir
+            with cpu_stand_ins(), model_parallel(1, 1):
+                out = run_model(args, state, tokens, dtype=dtype, pad_token=cfg.pad_token, impl=reader.impl,
+                                where=where)
+    finally:
+        reader.close()
     return np.ascontiguousarray(out[..., :cfg.vocab_size], dtype=np.float32)
 
 
