@@ -8,7 +8,8 @@ tensor. Then Megatron-Core's forward gives the logits.
 * TP x EP > 1 (PP 1): one process per rank (``torch.multiprocessing``, a gloo group on this
   machine), each loading its own rank file strictly, so that Megatron-Core's tensor and expert
   parallelism (its QKV split, its gate/up split, its expert ownership, its all-reduces) run on the
-  shards as written. Sequence parallelism is off (gloo has no reduce-scatter); inference does not need it.
+  shards as written; with sequence parallelism as the checkpoint's ``args`` say (on for TP > 1 with
+  MoE) when the sequence length divides by TP, off otherwise (inference is the same either way).
 * PP > 1 (or a virtual pipeline): grokconv's reader merges the stages (and TP/EP shards) into one
   TP 1 state dict, which is loaded strictly into a one-stage model. The per-rank strict load of such
   layouts is the same spec with fewer layers (tests/test_megatron_core.py loads every rank file).
@@ -78,7 +79,11 @@ def run_model(args: argparse.Namespace, state_dict: dict, tokens: np.ndarray, *,
     strictly, run it; float32 logits over the padded vocabulary (gathered over TP)."""
     import torch
     from ..mcore.model import build_model
-    model = build_model(args, dtype=dtype, impl=impl, sequence_parallel=False)
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    # sequence parallelism as the checkpoint's args say (to-megatron sets it for TP > 1 with MoE), when
+    # the sequence splits evenly over the TP ranks; inference is the same without it
+    sp = bool(getattr(args, "sequence_parallel", False)) and tp > 1 and tokens.shape[1] % tp == 0
+    model = build_model(args, dtype=dtype, impl=impl, sequence_parallel=sp)
     load_strict(model, state_dict, where)
     model.eval()
     tok = torch.as_tensor(tokens)
