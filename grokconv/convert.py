@@ -83,6 +83,7 @@ class ConversionPlan:
     quantization_config: dict | None
     group_size: int
     tokenizer: Path | None = None    # the tokenizer.model copied into the export
+    layers: list = field(default_factory=list)   # the layers exported
 
     @property
     def total_size(self) -> int:
@@ -146,7 +147,8 @@ def plan_conversion(reader: CheckpointReader, layout: str = "hf", quantize: str 
             j.shard = k
         name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         shards.append(ShardPlan(name, [o for j in group for o in j.outputs], {"format": "pt"}))
-    return ConversionPlan(lay, quantize, jobs, shards, _quant_config(quantize, encs, lay, reader, gs), gs)
+    return ConversionPlan(lay, quantize, jobs, shards, _quant_config(quantize, encs, lay, reader, gs), gs,
+                          layers=sorted(layers))
 
 
 def _quant_config(quantize, encs, lay: Layout, reader, gs) -> dict | None:
@@ -362,6 +364,11 @@ def _complete(path: Path, shard: ShardPlan) -> bool:
 def _write_sidecars(reader, plan: ConversionPlan, dst: Path) -> None:
     cfg = reader.config
     hf = plan.layout.hf_config(cfg)
+    if plan.layers and plan.layers == list(range(len(plan.layers))) and len(plan.layers) < cfg.num_layers:
+        # a slice of the first k layers is a k-layer model to an engine (grokconv-config.json keeps the source's)
+        for key, tmpl in plan.layout.config_template.items():
+            if tmpl == "{num_layers}":
+                hf[key] = len(plan.layers)
     if plan.quantization_config:
         hf["quantization_config"] = plan.quantization_config
     atomic_write_text(dst / "config.json", json.dumps(hf, indent=2) + "\n")
