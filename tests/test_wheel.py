@@ -167,8 +167,7 @@ def test_every_main_job_from_another_directory(installed):
     for layout in ("hf", "sglang"):
         _run(installed, "to-safetensors", "tiny", layout, "--layout", layout, "--no-progress")
         assert (w / layout / "modeling_grok1.py").is_file()
-    refused = _run(installed, "to-safetensors", "tiny", "keyfan", "--layout", "keyfan", "--no-progress", ok=False)
-    assert refused.returncode != 0 and "tokenizer.model" in refused.stderr and "hint:" in refused.stderr
+    # (without --tokenizer the keyfan layout is refused: tests/test_engines.py)
     (w / "tok.model").write_bytes(b"sentencepiece model bytes")
     _run(installed, "to-safetensors", "tiny", "keyfan", "--layout", "keyfan", "--tokenizer", "tok.model",
          "--no-progress")
