@@ -9,7 +9,9 @@ BENCH_ARGS ?=            # e.g. BENCH_ARGS='--device cuda --layers 4'
 # this workplace keeps the CPU build of torch in /opt/wheels; elsewhere pip finds it on the index
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup demo test bench clean
+DEV_ARGS ?=              # e.g. DEV_ARGS='path/to/ckpt --layers 0-1' (default: the tiny synthetic model)
+
+.PHONY: setup demo test bench clean deviations wheel-check
 
 setup: $(VENV)/.installed
 
@@ -31,6 +33,14 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/bench.py --dir $(BENCH_DIR) $(BENCH_ARGS)
+
+# what vLLM 0.24 / SGLang 0.5.23 compute differently from Grok-1, measured with the reference's switches
+deviations: setup
+	$(BIN)/python bench/deviations.py $(DEV_ARGS)
+
+# the wheel in a fresh venv with its dependencies resolved by pip (CI's tests/test_wheel.py shares them)
+wheel-check: setup
+	GROKCONV_WHEEL_FULL_INSTALL=1 $(BIN)/python -m pytest tests/test_wheel.py -q
 
 clean:
 	rm -rf build $(VENV)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .config import CONFIG_FILE
-from .errors import LayoutError
+from .errors import LayoutError, MissingTensorError
 from .export import ENCODINGS, Encoding, SourceRows, encode_chunk, encoding_for, stage, tensor_amax
 from .formats.atomic import TMP_SUFFIX, atomic_write_text
 from .formats.base import CheckpointReader, open_checkpoint
@@ -35,10 +35,35 @@ from .runtime import peak_rss_bytes, resolve_device
 from .units import parse_size
 
 __all__ = ["ConversionPlan", "plan_conversion", "to_safetensors", "Summary", "parse_size", "INDEX_FILE",
-           "REPORT_FILE"]
+           "REPORT_FILE", "TOKENIZER_FILE", "HF_CODE_FILES", "find_tokenizer"]
 
 INDEX_FILE = "model.safetensors.index.json"
 REPORT_FILE = "grokconv-report.json"
+TOKENIZER_FILE = "tokenizer.model"
+HF_CODE_DIR = Path(__file__).resolve().parent / "hf_code"
+HF_CODE_FILES = ("configuration_grok1.py", "modeling_grok1.py")
+
+
+def find_tokenizer(reader, layout: Layout, given=None, required: bool = True) -> Path | None:
+    """The tokenizer.model to copy: ``given``, else the source's (beside it or one level up).
+
+    With ``required``, raises :class:`MissingTensorError` when the layout's consumer needs one
+    (``requires`` in the mapping file) and there is none."""
+    if given is not None:
+        p = Path(given)
+        if not p.is_file():
+            raise MissingTensorError("--tokenizer: no such file", path=p)
+        return p
+    for cand in (reader.path / TOKENIZER_FILE, reader.path.parent / TOKENIZER_FILE):
+        if cand.is_file():
+            return cand
+    why = layout.requires.get(TOKENIZER_FILE)
+    if why and required:
+        raise MissingTensorError(
+            f"the {layout.name!r} layout needs a {TOKENIZER_FILE} and the source has none: {why}", path=reader.path,
+            hint="pass --tokenizer PATH (the SentencePiece model of github.com/xai-org/grok-1; `grokconv download` "
+                 "fetches it), or choose another --layout")
+    return None
 
 
 @dataclass
@@ -57,6 +82,8 @@ class ConversionPlan:
     shards: list           # [ShardPlan]
     quantization_config: dict | None
     group_size: int
+    tokenizer: Path | None = None    # the tokenizer.model copied into the export
+    layers: list = field(default_factory=list)   # the layers exported
 
     @property
     def total_size(self) -> int:
@@ -120,7 +147,8 @@ def plan_conversion(reader: CheckpointReader, layout: str = "hf", quantize: str 
             j.shard = k
         name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         shards.append(ShardPlan(name, [o for j in group for o in j.outputs], {"format": "pt"}))
-    return ConversionPlan(lay, quantize, jobs, shards, _quant_config(quantize, encs, lay, reader, gs), gs)
+    return ConversionPlan(lay, quantize, jobs, shards, _quant_config(quantize, encs, lay, reader, gs), gs,
+                          layers=sorted(layers))
 
 
 def _quant_config(quantize, encs, lay: Layout, reader, gs) -> dict | None:
@@ -247,11 +275,17 @@ def _source_bytes(value) -> int:
 def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_scheme: str = "channel",
                    fp8_format: str = "compressed-tensors", int8_scheme: str = "group", layers=None, max_shard_size="5GB", workers: int = 2,
                    device: str = "cpu", dry_run: bool = False, progress: bool = True, measure: bool = False,
-                   echo=print) -> Summary | ConversionPlan:
-    """Convert any readable checkpoint to sharded safetensors in ``layout``; returns a :class:`Summary`."""
+                   tokenizer=None, require_files: bool = False, echo=print) -> Summary | ConversionPlan:
+    """Convert any readable checkpoint to sharded safetensors in ``layout``; returns a :class:`Summary`.
+
+    ``tokenizer``: a ``tokenizer.model`` to copy into the export (else the source's, when it has one).
+    ``require_files`` (the CLI sets it): refuse, before writing anything, a layout whose consumer needs
+    a file the export would lack (``keyfan``: llama.cpp's converter needs ``tokenizer.model``).
+    """
     reader = open_checkpoint(src, layers=layers)
     plan = plan_conversion(reader, layout, quantize, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
                            int8_scheme=int8_scheme, layers=layers, max_shard_size=max_shard_size)
+    plan.tokenizer = find_tokenizer(reader, plan.layout, tokenizer, required=require_files)
     if dry_run:
         return plan
     dst = Path(dst)
@@ -330,14 +364,22 @@ def _complete(path: Path, shard: ShardPlan) -> bool:
 def _write_sidecars(reader, plan: ConversionPlan, dst: Path) -> None:
     cfg = reader.config
     hf = plan.layout.hf_config(cfg)
+    if plan.layers and plan.layers == list(range(len(plan.layers))) and len(plan.layers) < cfg.num_layers:
+        # a slice of the first k layers is a k-layer model to an engine (grokconv-config.json keeps the source's)
+        for key, tmpl in plan.layout.config_template.items():
+            if tmpl == "{num_layers}":
+                hf[key] = len(plan.layers)
     if plan.quantization_config:
         hf["quantization_config"] = plan.quantization_config
     atomic_write_text(dst / "config.json", json.dumps(hf, indent=2) + "\n")
     cfg.save(dst / CONFIG_FILE)
-    for cand in (reader.path / "tokenizer.model", reader.path.parent / "tokenizer.model"):
-        if cand.exists() and not (dst / "tokenizer.model").exists():
-            shutil.copyfile(cand, dst / "tokenizer.model")
-            break
+    if "auto_map" in hf:   # the transformers code the config names (trust_remote_code)
+        for fn in HF_CODE_FILES:
+            atomic_write_text(dst / fn, (HF_CODE_DIR / fn).read_text())
+    if plan.tokenizer is not None:
+        tmp = dst / (TOKENIZER_FILE + TMP_SUFFIX)
+        shutil.copyfile(plan.tokenizer, tmp)
+        os.replace(tmp, dst / TOKENIZER_FILE)
     index = {"metadata": {"total_size": plan.total_size, "layout": plan.layout.name},
              "weight_map": dict(sorted(plan.weight_map().items()))}
     atomic_write_text(dst / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")

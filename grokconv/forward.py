@@ -38,7 +38,7 @@ from .formats.base import CheckpointReader
 from .schema import LAYER_PREFIX, parse_layers
 from .tensor import as_dense
 
-__all__ = ["Semantics", "WRONG_VARIANTS", "ForwardResult", "ReferenceForward", "forward", "resolve_device",
+__all__ = ["Semantics", "WRONG_VARIANTS", "ENGINE_DEVIATIONS", "ForwardResult", "ReferenceForward", "forward", "resolve_device",
            "resolve_layers", "exact_matmul", "DTYPES", "EMBEDDINGS", "FINAL_NORM", "peak_memory"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -60,10 +60,19 @@ class Semantics:
     embedding_multiplier: bool = True
     attention_multiplier: bool = True
     output_multiplier: bool = True
+    # What engines compute differently (README "What the engines compute"; bench/deviations.py):
+    gate_dtype: str = "f32"            # "bf16": router weight and matmul in bf16 (vLLM's gate), softmax f32
+    router_cap: float | None = None    # c * tanh(logits / c) on the router logits (SGLang: always 30)
+    attn_output_scale: bool = False    # the attention output times attn_output_multiplier once more (vLLM)
+    scalars: str = "jax"               # "jax": multiplier cast to the activation dtype first; "exact": torch's
+                                       # tensor * Python float (one rounding of the exact product)
+    output_scale: str = "logits"       # "weight": output_multiplier_scale folded into a bf16 copy of the tied
+                                       # table in f32 (SGLang's lm_head loader), logits unscaled
 
     def __post_init__(self):
         for name, allowed in (("rope", ("half", "interleaved")), ("gqa", ("grouped", "modulo")),
-                              ("gelu", ("tanh", "erf"))):
+                              ("gelu", ("tanh", "erf")), ("gate_dtype", ("f32", "bf16")),
+                              ("scalars", ("jax", "exact")), ("output_scale", ("logits", "weight"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Semantics.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -89,6 +98,26 @@ WRONG_VARIANTS: dict[str, Semantics] = {
     "no-embedding-multiplier": Semantics(embedding_multiplier=False),
     "no-attention-multiplier": Semantics(attention_multiplier=False),
     "no-output-multiplier": Semantics(output_multiplier=False),
+}
+
+
+# What each engine computes differently from model.py whatever the checkpoint says, read from its
+# released source (README "What the engines compute"); bench/deviations.py measures each on a model.
+ENGINE_DEVIATIONS: dict[str, dict[str, Semantics]] = {
+    "vLLM 0.24.0": {
+        "exact-erf GELU in the experts": Semantics(gelu="erf"),
+        "router (gate) in bf16": Semantics(gate_dtype="bf16"),
+        "attention output x attn_output_multiplier": Semantics(attn_output_scale=True),
+        "multipliers not rounded to bf16": Semantics(scalars="exact"),
+        "all of the above": Semantics(gelu="erf", gate_dtype="bf16", attn_output_scale=True, scalars="exact"),
+    },
+    "SGLang 0.5.23": {
+        "router logits capped at 30": Semantics(router_cap=30.0),
+        "exact-erf GELU in the experts": Semantics(gelu="erf"),
+        "output multiplier folded into the bf16 lm_head, embedding multiplier not rounded":
+            Semantics(scalars="exact", output_scale="weight"),
+        "all of the above": Semantics(router_cap=30.0, gelu="erf", scalars="exact", output_scale="weight"),
+    },
 }
 
 
@@ -198,13 +227,15 @@ class ReferenceForward:
         """``bf16(emb[tokens]) * embedding_multiplier_scale`` -> [B, T, D] in the activation dtype."""
         x = self._embedding_rows(self._embedding_source(), tokens.cpu().numpy()).to(self.device, self.act)
         if self.semantics.embedding_multiplier:
-            x = _mul_scalar(x, self.cfg.embedding_multiplier_scale)
+            x = self._scale(x, self.cfg.embedding_multiplier_scale)
         return x
 
     def layer(self, h: torch.Tensor, tokens: torch.Tensor, layer: int) -> torch.Tensor:
         """One decoder layer (sandwich norms) on the residual stream ``h``."""
         post = self.semantics.post_norms
         a = self._attention(self._norm(h, layer, "rms_norm"), tokens, layer)
+        if self.semantics.attn_output_scale:
+            a = self._scale(a, self.cfg.attn_output_multiplier)
         h = h + (self._norm(a, layer, "rms_norm_1") if post else a)
         m = self._moe(self._norm(h, layer, "rms_norm_2"), layer)
         h = h + (self._norm(m, layer, "rms_norm_3") if post else m)
@@ -216,12 +247,19 @@ class ReferenceForward:
         V = self.cfg.vocab_size
         logits = torch.empty(*x.shape[:-1], V, dtype=self.act, device=x.device)
         table = self._embedding_source()
+        in_weight = self.semantics.output_multiplier and self.semantics.output_scale == "weight"
         for r0 in range(0, V, _VOCAB_CHUNK):   # the same chunks on every reader: the same kernels, the same bits
-            logits[..., r0:r0 + _VOCAB_CHUNK] = x @ self._embedding_rows(table, slice(r0, r0 + _VOCAB_CHUNK)).T
+            rows = self._embedding_rows(table, slice(r0, r0 + _VOCAB_CHUNK))
+            if in_weight:   # SGLang: lm_head = dtype(f32(emb) * output_multiplier_scale)
+                rows = (rows.to(torch.float32) * self.cfg.output_multiplier_scale).to(rows.dtype)
+            logits[..., r0:r0 + _VOCAB_CHUNK] = x @ rows.T
         del table
-        if self.semantics.output_multiplier:
-            logits = _mul_scalar(logits, self.cfg.output_multiplier_scale)
+        if self.semantics.output_multiplier and not in_weight:
+            logits = self._scale(logits, self.cfg.output_multiplier_scale)
         return logits.to(torch.float32)
+
+    def _scale(self, x: torch.Tensor, c: float) -> torch.Tensor:
+        return _mul_scalar(x, c) if self.semantics.scalars == "jax" else x * c
 
     # -- blocks ---------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +311,13 @@ class ReferenceForward:
         cfg, sem = self.cfg, self.semantics
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        probs = torch.softmax(flat.to(torch.float32) @ self._param(layer, "router", f32=True), dim=-1)
+        if sem.gate_dtype == "f32":
+            router_logits = flat.to(torch.float32) @ self._param(layer, "router", f32=True)
+        else:   # bf16 weight, bf16 matmul, then float32 for the softmax
+            router_logits = (flat.to(torch.bfloat16) @ self._param(layer, "router", f32=True).to(torch.bfloat16)).float()
+        if sem.router_cap:
+            router_logits = sem.router_cap * torch.tanh(router_logits / sem.router_cap)
+        probs = torch.softmax(router_logits, dim=-1)
         gate, idx = torch.topk(probs, cfg.num_selected_experts, dim=-1)   # sorted, largest first
         if sem.renormalize_gates:
             gate = gate / gate.sum(-1, keepdim=True)

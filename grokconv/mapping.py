@@ -2,8 +2,12 @@
 
 An entry is ``{"from": canonical template, "to": target template, "role": ..., "transpose": bool,
 "experts": "split"}`` with ``{L}`` for the layer and ``{E}`` for the expert. The same entries run
-backwards: target names are parsed with the compiled templates. The layout's ``config`` block is the
-``config.json`` its consumer reads, with ``"{field}"`` strings filled from :class:`GrokConfig`.
+backwards: target names are parsed with the compiled templates. An entry with ``"copy": true`` writes a
+second target from a parameter another entry already maps (SGLang's untied ``lm_head.weight``, a copy
+of the embedding); readers skip it. The layout's ``config`` block is the ``config.json`` its consumer
+reads, with ``"{field}"`` strings filled from :class:`GrokConfig`; a config with ``auto_map`` (the
+transformers code grokconv ships, ``grokconv/hf_code``) also gets ``grokconv_tensor_names``, the
+canonical name -> target name table that code builds its modules from.
 """
 from __future__ import annotations
 
@@ -19,8 +23,25 @@ from .schema import ParamSpec, param_specs
 
 __all__ = ["Layout", "Target", "load_layout", "layout_names", "MAPPINGS_DIR", "detect_layout"]
 
-MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
-ROLES = ("embedding", "norm", "router", "linear")
+
+
+def _mappings_dir() -> Path:
+    """The layout files: the installed ``grokconv.mappings`` package data (a wheel ships the top-level
+    ``mappings/`` folder as that package, see pyproject.toml), else ``mappings/`` of the source tree
+    (a checkout run in place). Found through the import system, so a zip or namespace install works too."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("grokconv.mappings")
+    except ModuleNotFoundError:
+        spec = None
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if any(Path(loc).glob("*.json")):
+            return Path(loc)
+    return Path(__file__).resolve().parent.parent / "mappings"
+
+
+MAPPINGS_DIR = _mappings_dir()
+ROLES = ("embedding", "norm", "router", "linear", "output")
 
 
 @dataclass(frozen=True)
@@ -30,6 +51,7 @@ class Entry:
     role: str
     transpose: bool
     split_experts: bool
+    copy: bool = False   # a second target of a parameter another entry maps (readers skip it)
 
     @property
     def regex(self) -> re.Pattern:
@@ -62,13 +84,19 @@ class Layout:
         self.name = data["layout"]
         self.description = data.get("description", "")
         self.config_template = data.get("config", {})
+        self.requires = dict(data.get("requires", {}))   # file -> why the consumer needs it
         self.entries = []
         for e in data["tensors"]:
             if e.get("role") not in ROLES:
                 raise LayoutError(f"entry {e.get('from')!r} has role {e.get('role')!r}; roles: {ROLES}", path=path)
             self.entries.append(Entry(e["from"], e["to"], e["role"], bool(e.get("transpose")),
-                                      e.get("experts") == "split"))
-        self._by_source = {_compile(e.source): e for e in self.entries}
+                                      e.get("experts") == "split", bool(e.get("copy"))))
+        self._by_source = {_compile(e.source): e for e in self.entries if not e.copy}
+        self._copies = [e for e in self.entries if e.copy]
+        for e in self._copies:
+            if _compile(e.source) not in self._by_source or e.split_experts or "{L}" in e.source:
+                raise LayoutError(f"copy entry {e.target!r} must copy a whole non-layer parameter that another "
+                                  f"entry maps ({e.source!r})", path=path)
 
     # -- forward -------------------------------------------------------------------------------
     def entry_for(self, canonical: str) -> tuple[Entry, dict]:
@@ -80,6 +108,10 @@ class Layout:
 
     def targets(self, spec: ParamSpec) -> list[Target]:
         e, groups = self.entry_for(spec.name)
+        return self._targets(e, groups, spec) + [self._targets(c, {}, spec)[0] for c in self._copies
+                                                 if c.source == spec.name]
+
+    def _targets(self, e: Entry, groups: dict, spec: ParamSpec) -> list[Target]:
         shape2 = spec.shape[-2:] if len(spec.shape) >= 2 else spec.shape
         shape = tuple(reversed(shape2)) if e.transpose else tuple(shape2)
         if e.split_experts:
@@ -129,7 +161,14 @@ class Layout:
             if isinstance(v, list):
                 return [fill(x) for x in v]
             return v
-        return fill(self.config_template)
+        out = fill(self.config_template)
+        if "auto_map" in out:
+            out["grokconv_tensor_names"] = self.tensor_names()
+        return out
+
+    def tensor_names(self) -> dict:
+        """Canonical name template -> target name template (``lm_head`` for an untied output copy)."""
+        return {("lm_head" if e.copy and e.role == "output" else e.source): e.target for e in self.entries}
 
 
 def layout_names(container: str = "safetensors") -> list[str]:

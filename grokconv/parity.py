@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import GrokconvError, MissingTensorError, ParityError
+from .errors import EngineUnavailableError, GrokconvError, MissingTensorError, ParityError
 from .formats.base import CheckpointReader, _ranges
 from .forward import ReferenceForward, Semantics, exact_matmul, resolve_layers
 from .runtime import peak_memory
@@ -25,7 +25,7 @@ from .schema import LAYER_PREFIX
 from .thresholds import KINDS, THRESHOLDS, Thresholds
 
 __all__ = ["Thresholds", "THRESHOLDS", "KINDS", "LayerStats", "LogitStats", "ParityReport", "run_parity",
-           "resolve_thresholds", "infer_kind", "compare_hidden", "compare_logits", "random_tokens",
+           "run_engine_parity", "resolve_thresholds", "infer_kind", "compare_hidden", "compare_logits", "random_tokens",
            "parse_tokens", "encode_text"]
 
 
@@ -61,6 +61,8 @@ class ParityReport:
     profile: dict
     a: dict = field(default_factory=dict)       # path, format, semantics of each side
     b: dict = field(default_factory=dict)
+    engine: str = "reference"                   # what computed side B (grokconv.engines)
+    notes: list[str] = field(default_factory=list)
     logits_a: torch.Tensor | None = field(default=None, repr=False)   # [B, T, V] float32
     logits_b: torch.Tensor | None = field(default=None, repr=False)
 
@@ -85,6 +87,7 @@ class ParityReport:
             "batch": len(self.tokens), "seq_len": len(self.tokens[0]) if self.tokens else 0, "tokens": self.tokens,
             "hidden": [dataclasses.asdict(s) for s in self.hidden],
             "logits": dataclasses.asdict(self.logits), "profile": self.profile,
+            "engine": self.engine, "notes": self.notes,
         }
 
     def save_logits(self, path) -> None:
@@ -93,12 +96,16 @@ class ParityReport:
 
     def format(self) -> str:
         lines = [f"A: {self.a.get('path')} ({self.a.get('format')})",
-                 f"B: {self.b.get('path')} ({self.b.get('format')})",
+                 f"B: {self.b.get('path')} ({self.b.get('format')})"
+                 + (f", engine {self.engine}" + (f" {self.b['engine_version']}" if self.b.get("engine_version") else "")
+                    if self.engine != "reference" else ""),
                  f"tokens {len(self.tokens)}x{len(self.tokens[0])}, layers {_ranges(self.layers)}, "
-                 f"{self.device}, {self.dtype}, expect {self.kind}",
-                 f"{'layer':>6} {'max abs diff':>14} {'rel L2':>12} {'cosine':>12}"]
+                 f"{self.device}, {self.dtype}, expect {self.kind}"]
+        if self.hidden:
+            lines.append(f"{'layer':>6} {'max abs diff':>14} {'rel L2':>12} {'cosine':>12}")
         for s in self.hidden:
             lines.append(f"{s.layer:>6} {_num(s.max_abs):>14} {_num(s.rel_l2):>12} {_num(s.cosine, 8):>12}")
+        lines.extend(f"note: {n}" for n in self.notes)
         lg = self.logits
         lines.append(f"logits  max abs diff: {_num(lg.max_abs)}  KL(A||B): {_num(lg.kl)}  "
                      f"top-1 agreement: {round(lg.top1, 4)}  top-5 overlap: {round(lg.top5, 4)}")
@@ -261,6 +268,74 @@ def run_parity(reader_a: CheckpointReader, reader_b: CheckpointReader, tokens, *
         tokens=tok.cpu().tolist(), hidden=hidden, logits=lg, failures=_judge(th, hidden, lg), profile=profile,
         a=_side(reader_a, semantics_a), b=_side(reader_b, semantics_b),
         logits_a=logits["A"] if keep_logits else None, logits_b=logits["B"] if keep_logits else None)
+
+
+def run_engine_parity(reader_a: CheckpointReader, path_b, tokens, engine: str, *, device="auto", dtype: str = "bf16",
+                      thresholds="exact", overrides: dict | None = None, keep_logits: bool = True) -> ParityReport:
+    """Our reference forward on A against ``engine`` (a name of :data:`grokconv.engines.ENGINES`) on B.
+
+    The engine runs every layer checkpoint B holds, so A runs the same layers. Side B has logits only:
+    the per-layer hidden-state comparison is absent (the report says so) and the thresholds judge the
+    logits. Raises :class:`~grokconv.errors.EngineUnavailableError` when the engine's library is missing.
+    """
+    from .engines import ENGINES, engine_logits
+    from .formats.base import open_checkpoint
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    start = time.perf_counter()
+    with open_checkpoint(path_b, strict=False) as reader_b:
+        _check_configs(reader_a, reader_b)
+        layer_list = list(reader_b.layers)
+        missing = sorted(set(layer_list) - set(reader_a.layers))
+        if missing:
+            raise MissingTensorError(f"checkpoint A lacks layers {_ranges(missing)}, which B holds and the engine "
+                                     f"runs", path=reader_a.path)
+        if layer_list != list(range(len(layer_list))):
+            raise MissingTensorError(f"an engine runs a model of layers 0..k-1; B holds layers {_ranges(layer_list)}",
+                                     path=reader_b.path, hint="export a slice that starts at layer 0 (--layers 0-1)")
+        kind, th = resolve_thresholds(thresholds, reader_a, reader_b, layer_list[0] if layer_list else None, dtype,
+                                      **(overrides or {}))
+        side_b = {"path": str(reader_b.path), "format": reader_b.format}
+    fwd = ReferenceForward(reader_a, device=device, dtype=dtype)
+    tok = fwd.check_tokens(tokens)
+    t0 = time.perf_counter()   # the engine first: a missing library fails before the reference has run
+    try:
+        raw = engine_logits(engine, path_b, tok.cpu().numpy(), dtype=dtype)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("grokconv.engines."):
+            raise
+        raise EngineUnavailableError(f"engine {engine!r} is not part of this grokconv ({e.name} is missing)") from None
+    logits_b = torch.from_numpy(np.ascontiguousarray(raw))
+    t1 = time.perf_counter()
+    with torch.inference_mode(), exact_matmul():
+        h = fwd.embed(tok)
+        for layer in layer_list:
+            h = fwd.layer(h, tok, layer)
+        logits_a = fwd.head(h).cpu()
+    t2 = time.perf_counter()
+    if logits_b.shape != logits_a.shape:
+        raise ParityError(f"engine {engine!r} returned logits of shape {tuple(logits_b.shape)}, "
+                          f"the reference {tuple(logits_a.shape)}")
+    lg = compare_logits(logits_a, logits_b.to(torch.float32))
+    side_b["engine_version"] = _engine_version(engine)
+    notes = [f"side B is engine {engine!r}, which returns logits only: the per-layer hidden states are not "
+             f"compared (limits on them do not apply)"]
+    profile = {"wall_s": time.perf_counter() - start, "wall_s_a": t2 - t1, "wall_s_b": t1 - t0,
+               **peak_memory(fwd.device)}
+    return ParityReport(
+        kind=kind, thresholds=th, layers=layer_list, device=str(fwd.device), dtype=dtype, tokens=tok.cpu().tolist(),
+        hidden=[], logits=lg, failures=_judge(th, [], lg), profile=profile, a=_side(reader_a, Semantics()),
+        b=side_b, engine=engine, notes=notes, logits_a=logits_a if keep_logits else None,
+        logits_b=logits_b if keep_logits else None)
+
+
+def _engine_version(engine: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    dist = {"transformers": "transformers", "megatron-core": "megatron-core", "llama.cpp": "llama_cpp_python"}.get(engine)
+    try:
+        return version(dist) if dist else None
+    except PackageNotFoundError:
+        return None
 
 
 def _side(reader: CheckpointReader, sem: Semantics) -> dict:

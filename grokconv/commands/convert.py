@@ -36,13 +36,16 @@ def print_summary(s, echo=click.echo):
               help="int8: group keeps the original row-block scales exactly; channel is exact only for "
                    "weights with one scale per column (the others are re-quantized).")
 @click.option("--layers", help="Export a slice, e.g. 0-1,5 (default: all).")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),
+              help="A tokenizer.model to copy into the export (default: the source's). --layout keyfan needs one: "
+                   "llama.cpp's convert_hf_to_gguf.py reads it.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, its shard and size).")
 @click.option("--no-progress", is_flag=True)
-def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layers, max_shard_size, workers, device, dry_run,
-          no_progress):
+def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layers, tokenizer, max_shard_size, workers,
+          device, dry_run, no_progress):
     """Convert SRC (any format grokconv reads) to sharded safetensors in DST."""
     from ..convert import to_safetensors
     from ..formats.base import open_checkpoint
@@ -50,7 +53,7 @@ def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layer
         layer_list = _layers(layers, r.config.num_layers)
     res = to_safetensors(src, dst, layout=layout, quantize=quantize, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
                          int8_scheme=int8_scheme, layers=layer_list, max_shard_size=max_shard_size, workers=workers, device=device,
-                         dry_run=dry_run, progress=not no_progress)
+                         dry_run=dry_run, progress=not no_progress, tokenizer=tokenizer, require_files=True)
     if dry_run:
         for shard in res.shards:
             click.echo(f"{shard.filename}  {human(shard.size)}")

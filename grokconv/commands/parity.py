@@ -3,6 +3,7 @@ from pathlib import Path
 
 import click
 
+from ..engines import ENGINES
 from ..errors import GrokconvError
 from ..thresholds import KINDS
 from ..schema import parse_layers
@@ -23,7 +24,10 @@ def _open(path: str, layers_text: str):
 @click.option("--batch", type=int, default=1, show_default=True, help="Random batch: sequences.")
 @click.option("--seq-len", type=int, default=16, show_default=True, help="Random batch: tokens per sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random batch: seed.")
-@click.option("--layers", default="0-1", show_default=True, help="Layers to run, e.g. 0-1,5 or all.")
+@click.option("--layers", help="Layers to run, e.g. 0-1,5 or all (default 0-1). With --engine: every layer B holds.")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="reference", show_default=True,
+              help="What computes side B: our reference forward, or a real engine on B (an optional extra: "
+                   "grokconv[transformers], grokconv[megatron], grokconv[llama-cpp]).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="bf16: the reference precision; fp32: everything in float32.")
@@ -37,7 +41,7 @@ def _open(path: str, layers_text: str):
               help="Write both logits to an .npz (arrays a and b, float32 [batch, tokens, vocab]).")
 @click.option("--profile", is_flag=True, help="Print wall time and peak memory.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def command(a, b, tokens_text, text, batch, seq_len, seed, layers, device, dtype, expect, max_abs, max_kl,
+def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, device, dtype, expect, max_abs, max_kl,
             min_top1, json_path, save_logits, profile, progress):
     """Run the reference forward on checkpoints A and B (any formats) and compare them.
 
@@ -49,12 +53,21 @@ def command(a, b, tokens_text, text, batch, seq_len, seed, layers, device, dtype
     grokconv parity ckpt/ converted/ --batch 2 --seq-len 16
     grokconv parity ckpt/ fp8/ --layers all --expect fp8 --json report.json
     grokconv parity ckpt/ ckpt/ --tokens 422,3033,356 --device cpu --dtype fp32 --save-logits l.npz
+    grokconv parity ckpt/ hf-export/ --engine transformers     # side B: AutoModelForCausalLM on the export
+
+    With --engine other than reference, side B's logits come from that engine run on B over every layer
+    B holds (A runs the same layers); the engine gives no per-layer hidden states, so only the logits
+    are compared, against the same thresholds.
     """
-    from ..parity import encode_text, parse_tokens, random_tokens, run_parity
+    from ..parity import encode_text, parse_tokens, random_tokens, run_engine_parity, run_parity
     if tokens_text and text:
         raise click.UsageError("give --tokens or --text, not both")
+    if engine != "reference" and layers is not None:
+        raise click.UsageError("--layers does not apply with --engine: the engine runs every layer B holds")
+    layers = "0-1" if layers is None else layers
     try:
-        reader_a, reader_b = _open(a, layers), _open(b, layers)
+        reader_a = _open(a, layers if engine == "reference" else "all")
+        reader_b = _open(b, layers) if engine == "reference" else None
         if tokens_text:
             tokens = parse_tokens(tokens_text)
         elif text is not None:
@@ -62,9 +75,13 @@ def command(a, b, tokens_text, text, batch, seq_len, seed, layers, device, dtype
         else:
             cfg = reader_a.config
             tokens = random_tokens(cfg.vocab_size, batch, seq_len, seed, cfg.pad_token)
-        report = run_parity(reader_a, reader_b, tokens, layers=layers, device=device, dtype=dtype,
-                            thresholds=expect, overrides=dict(max_abs=max_abs, max_kl=max_kl, min_top1=min_top1),
-                            progress=progress)
+        overrides = dict(max_abs=max_abs, max_kl=max_kl, min_top1=min_top1)
+        if engine == "reference":
+            report = run_parity(reader_a, reader_b, tokens, layers=layers, device=device, dtype=dtype,
+                                thresholds=expect, overrides=overrides, progress=progress)
+        else:
+            report = run_engine_parity(reader_a, b, tokens, engine, device=device, dtype=dtype, thresholds=expect,
+                                       overrides=overrides)
     except ValueError as e:
         if isinstance(e, GrokconvError):   # a format error: the CLI prints it with its hint
             raise

@@ -71,7 +71,7 @@ class SafetensorsCheckpoint(CheckpointReader):
         self._canon: dict[tuple[str, int | None], str] = {}
         for m in modules:
             parsed = self.layout.parse(m)
-            if parsed:
+            if parsed and not parsed[0].copy:   # a copy (SGLang's lm_head) is written, never read back
                 self._canon[(parsed[1], parsed[2])] = m
         cfg = GrokConfig.load(root / CONFIG_FILE) if (root / CONFIG_FILE).exists() else self._config_from_hf()
         present = sorted({int(c.split("/")[1].rsplit("_", 1)[1]) for c, _ in self._canon
