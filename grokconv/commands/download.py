@@ -96,7 +96,10 @@ def verify(directory, workers):
     summary = f"{report.files} files, {format_bytes(report.bytes)}, against {report.kind} {report.source}"
     if report.problems:
         cls = DownloadError if report.kind == "manifest" else CheckpointFormatError
-        raise cls(f"{len(report.problems)} problem(s) in {directory} ({summary})",
+        first = report.problems[0]
+        first = first if Path(first.split(": ")[0]).is_absolute() else f"{directory / first}"
+        more = f"; {len(report.problems) - 1} more problem(s)" if len(report.problems) > 1 else ""
+        raise cls(f"{first}{more} ({summary})",
                   hint="re-run `grokconv download` with the same options to replace bad files"
                   if report.kind == "manifest" else None)
     click.echo(f"ok: {summary}")

@@ -79,6 +79,12 @@ class JaxCheckpoint(CheckpointReader):
         self._refs: dict[str, ArrayRef | QuantRef] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self.bytes_read = 0  # header bytes read by the opcode walker (payloads are never read)
+        if strict:
+            # every header the work needs, checked now (a few hundred bytes a file): a damaged file
+            # is refused before a conversion writes anything
+            for spec in self.specs():
+                if spec.layer is None or spec.layer in need:
+                    self.ref(spec)
 
     # -- headers -------------------------------------------------------------------------------
     def ref(self, spec: ParamSpec):
