@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import CheckpointFormatError
 
-__all__ = ["GrokConfig", "ffn_size", "load_preset", "PRESETS", "CONFIG_FILE", "find_config"]
+__all__ = ["GrokConfig", "ffn_size", "load_preset", "PRESETS", "CONFIG_FILE", "find_config", "find_config_path"]
 
 CONFIG_FILE = "grokconv-config.json"
 _PRESET_DIR = Path(__file__).parent / "configs"
@@ -163,10 +163,16 @@ def load_preset(name: str, **overrides) -> GrokConfig:
     return cfg.replace(**overrides).validate() if overrides else cfg
 
 
-def find_config(directory: Path) -> GrokConfig:
-    """The config stored with a checkpoint, else the real Grok-1 config."""
+def find_config_path(directory: Path) -> Path | None:
+    """The ``grokconv-config.json`` stored with a checkpoint (in it or beside it), or None."""
     directory = Path(directory)
     for cand in (directory / CONFIG_FILE, directory.parent / CONFIG_FILE):
         if cand.exists():
-            return GrokConfig.load(cand)
-    return load_preset("grok-1")
+            return cand
+    return None
+
+
+def find_config(directory: Path) -> GrokConfig:
+    """The config stored with a checkpoint, else the real Grok-1 config."""
+    path = find_config_path(directory)
+    return GrokConfig.load(path) if path is not None else load_preset("grok-1")

@@ -638,7 +638,8 @@ def _plan_offline(directory: Path, cfg: GrokConfig, repo: str, revision: str, la
             files.append(RemoteFile(p, e.get("repo", ""), e.get("commit", ""), e["size"], e["sha256"]))
     if unknown:
         raise DownloadError(f"HF_HUB_OFFLINE is set and {len(unknown)} requested file(s) were never fetched into "
-                            f"{directory} (first: {unknown[0]})", hint=hint)
+                            f"{directory} (first: {unknown[0]}, which it lists with no sha256)", hint=hint,
+                            path=directory / MANIFEST)
     return DownloadPlan(repo, revision, m["commit"], m.get("endpoint", ""),
                         None if layers is None else sorted(layers), files, tokenizer=m.get("tokenizer"))
 
@@ -759,11 +760,11 @@ def _verify_manifest(directory: Path, m: dict, workers: int, progress: bool | No
     def check(e: dict) -> str | None:
         path = directory / e["path"]
         if not path.is_file():
-            return f"{e['path']}: missing"
+            return f"{e['path']}: missing (listed in {MANIFEST})"
         size = path.stat().st_size
         if size != e["size"]:
             bar.update(e["size"])
-            return f"{e['path']}: size {size:,} bytes, expected {e['size']:,}"
+            return f"{e['path']}: size {size:,} bytes, expected {e['size']:,} ({MANIFEST})"
         if not e.get("sha256"):
             bar.update(size)
             return f"{e['path']}: no sha256 recorded (its download never finished)"
@@ -773,7 +774,7 @@ def _verify_manifest(directory: Path, m: dict, workers: int, progress: bool | No
                 sha.update(chunk)
                 bar.update(len(chunk))
         got = sha.hexdigest()
-        return None if got == e["sha256"] else f"{e['path']}: sha256 {got}, expected {e['sha256']}"
+        return None if got == e["sha256"] else f"{e['path']}: sha256 {got}, expected {e['sha256']} ({MANIFEST})"
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -46,9 +46,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CORPUS = HERE / "fuzz_corpus"
 LINK_MIN = 64 << 10
-# the base checkpoint every input is made from: tiny, 2 layers, 2 experts (a conversion in well under a second)
-BASE_CONFIG = lambda: __import__("grokconv.config", fromlist=["load_preset"]).load_preset("tiny").replace(  # noqa: E731
-    num_layers=2, num_experts=2).validate()          # files at least this big are hard-linked into a case, smaller ones copied
+
+
+def base_config():
+    """The config of the base checkpoint every input is made from: tiny, 2 layers, 2 experts."""
+    from grokconv.config import load_preset
+    return load_preset("tiny").replace(num_layers=2, num_experts=2).validate()          # files at least this big are hard-linked into a case, smaller ones copied
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -150,6 +153,10 @@ class Case:
             del b[self.pos:]
         elif self.op == "trailing":
             b += bytes.fromhex(self.data)
+        elif self.op in ("selftest-hang", "selftest-crash"):   # the harness's own test of its guards
+            if self.op == "selftest-hang":
+                time.sleep(3600)
+            os.kill(os.getpid(), 9)
         else:
             raise ValueError(f"unknown mutation {self.op!r}")
         path.write_bytes(bytes(b))
@@ -198,7 +205,7 @@ def build_inputs(workdir: Path, kinds=None) -> dict[str, Path]:
     from grokconv.synth import synthesize
     base = workdir / "base"
     if not base.exists():
-        synthesize(base, BASE_CONFIG(), seed=0)
+        synthesize(base, base_config(), seed=0)
     out = {}
     for k in INPUTS:
         if kinds is not None and k.name not in kinds:

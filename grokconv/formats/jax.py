@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import GrokConfig, find_config
+from ..config import GrokConfig, find_config, find_config_path
 from ..errors import CheckpointFormatError, MissingTensorError, ShapeMismatchError
 from ..schema import ParamSpec, file_name, param_specs
 from ..tensor import BF16, QInt8
@@ -45,6 +45,8 @@ class JaxCheckpoint(CheckpointReader):
     def __init__(self, path, *, config: GrokConfig | None = None, layers=None, strict: bool = True):
         root = Path(path)
         self.dir = ckpt_dir(root)
+        cfg_path = find_config_path(self.dir)
+        self.config_source = str(cfg_path) if cfg_path else "the grok-1 preset (no grokconv-config.json)"
         config = config or find_config(self.dir)
         present = {m.group(0) for p in self.dir.iterdir() if (m := _FILE_RE.match(p.name))}
         specs = param_specs(config)
@@ -111,7 +113,8 @@ class JaxCheckpoint(CheckpointReader):
         for a, shape, dtype in pairs:
             if tuple(a.shape) != tuple(shape) or a.dtype != dtype:
                 raise ShapeMismatchError(
-                    f"{spec.name}: found {a.dtype}{list(a.shape)}, config expects {np.dtype(dtype)}{list(shape)}",
+                    f"{spec.name}: found {a.dtype}{list(a.shape)}, the config expects {np.dtype(dtype)}{list(shape)} "
+                    f"(config: {self.config_source})",
                     path=path, expected=(str(np.dtype(dtype)), tuple(shape)), got=(str(a.dtype), tuple(a.shape)))
 
     def _view(self, a: ArrayRef) -> np.ndarray:

@@ -196,7 +196,9 @@ class MegatronCheckpoint(CheckpointReader):
     # -- config --------------------------------------------------------------------------------
     def _config(self, root: Path) -> GrokConfig:
         if (root / CONFIG_FILE).exists():
+            self.config_source = str(root / CONFIG_FILE)
             return GrokConfig.load(root / CONFIG_FILE)
+        self.config_source = f"the args of {self._first}"
         stored = getattr(self.args, "grokconv_config", None)
         if stored is not None:
             return GrokConfig.from_dict(stored, path=self._first)
@@ -209,7 +211,8 @@ class MegatronCheckpoint(CheckpointReader):
         for k, v in want.items():
             got = getattr(a, k, None)
             if got is not None and got != v:
-                raise ShapeMismatchError(f"checkpoint args {k}={str(got)[:20]}, but the Grok config says {v}",
+                raise ShapeMismatchError(f"checkpoint args {k}={str(got)[:20]}, but the Grok config says {v} "
+                                         f"(config: {self.config_source})",
                                          path=self._first, expected=v, got=got)
         try:
             validate_parallel(cfg, self.par)
@@ -344,16 +347,16 @@ class MegatronCheckpoint(CheckpointReader):
                 want = {t.key: t for t in rp.tensors if t.chunk == c}
                 have = {k for k in sd if not (isinstance(k, str) and k.endswith("_extra_state"))}
                 for k in sorted(set(want) - have)[:3]:
-                    yield f"{mk}: missing {k}", path
+                    yield f"{mk}: missing {k} (config: {self.config_source})", path
                 for k in sorted(map(str, have - set(want)))[:3]:
-                    yield f"{mk}: unexpected {k[:80]}", path
+                    yield f"{mk}: unexpected {k[:80]} (config: {self.config_source})", path
                 for k in sorted(set(want) & have):
                     v, t = sd[k], want[k]
                     if not isinstance(v, torch.Tensor):
                         yield f"{mk}: {k} is a {type(v).__name__}, not a tensor", path
                     elif tuple(v.shape) != tuple(t.shape) or v.dtype != t.dtype:
                         yield (f"{mk}: {k} is {str(v.dtype).replace('torch.', '')}{list(v.shape)}, expected "
-                               f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"), path
+                               f"{str(t.dtype).replace('torch.', '')}{list(t.shape)} (config: {self.config_source})"), path
 
     def problems(self) -> list[str]:
         probs = []

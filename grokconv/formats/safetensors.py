@@ -84,7 +84,10 @@ class SafetensorsCheckpoint(CheckpointReader):
             parsed = self.layout.parse(m)
             if parsed:
                 self._canon[(parsed[1], parsed[2])] = m
-        cfg = GrokConfig.load(root / CONFIG_FILE) if (root / CONFIG_FILE).exists() else self._config_from_hf(root)
+        if (root / CONFIG_FILE).exists():
+            cfg, self.config_source = GrokConfig.load(root / CONFIG_FILE), str(root / CONFIG_FILE)
+        else:
+            cfg, self.config_source = self._config_from_hf(root), str(root / "config.json")
         present = sorted({int(c.split("/")[1].rsplit("_", 1)[1]) for c, _ in self._canon
                           if c.startswith("transformer/")})
         super().__init__(root, cfg, [x for x in present if x < cfg.num_layers])
@@ -92,7 +95,7 @@ class SafetensorsCheckpoint(CheckpointReader):
             if x >= cfg.num_layers:
                 m = next(m for (c, _), m in self._canon.items() if c.startswith(f"transformer/decoder_layer_{x}/"))
                 raise ShapeMismatchError(f"tensor {_clip(m)} is of layer {x}, but the config has {cfg.num_layers} "
-                                         "layers", path=root / self._shard_of(m))
+                                         f"layers (config: {self.config_source})", path=root / self._shard_of(m))
         if layers is not None and strict:
             missing = sorted(set(layers) - set(present))
             if missing:
@@ -146,11 +149,12 @@ class SafetensorsCheckpoint(CheckpointReader):
                     yield f"tensor {_clip(n)}: dtype {info.dtype}, expected {' or '.join(dtypes)}", where
                 elif shapes is not None and tuple(info.shape) not in shapes:
                     yield (f"tensor {_clip(n)}: shape {list(info.shape)}, the config expects "
-                           f"{' or '.join(str(list(x)) for x in sorted(shapes)[:4])}"), where
+                           f"{' or '.join(str(list(x)) for x in sorted(shapes)[:4])} (config: {self.config_source})"), where
                 elif suf == "weight_shape":
                     got = [int(x) for x in self.files[self.where[n]].array(n)]
                     if got != list(t.shape):
-                        yield f"tensor {_clip(n)}: holds {got}, the config expects {list(t.shape)}", where
+                        yield (f"tensor {_clip(n)}: holds {got}, the config expects {list(t.shape)} "
+                               f"(config: {self.config_source})"), where
 
     def _config_from_hf(self, root: Path) -> GrokConfig:
         """A GrokConfig from config.json, through the layout's own config template (run backwards)."""
@@ -285,9 +289,9 @@ class SafetensorsCheckpoint(CheckpointReader):
                     for t in self.layout.plan(self.config, self.layers)}
         have = {_module_name(n)[0] for n in self.where}
         for n in sorted(have - expected)[:5]:
-            yield f"unexpected tensor {n}", self.path / self._shard_of(n)
+            yield f"unexpected tensor {n} (config: {self.config_source})", self.path / self._shard_of(n)
         for n in sorted(expected - have)[:5]:
-            yield f"missing tensor {n}", self.path
+            yield f"missing tensor {n} (config: {self.config_source})", self.path
 
     def problems(self) -> list[str]:
         return [p for p, _ in self._name_problems()] + list(self._problems)
