@@ -44,15 +44,24 @@ class Resumable:
 
 
 RESUMABLE = [
-    Resumable("to-safetensors", ("to-safetensors", "{src}", "{dst}", "--max-shard-size", "4MB", "--workers", "1",
+    Resumable("to-safetensors", ("to-safetensors", "{src}", "{dst}", "--max-shard-size", "1MB", "--workers", "1",
                                  "--no-progress"), "jax", "model.safetensors.index.json"),
-    Resumable("to-jax", ("to-jax", "{src}", "{dst}", "--no-progress"), "bf16", "grokconv-config.json"),
+    Resumable("to-jax", ("to-jax", "{src}", "{dst}", "--no-progress"), "int8", "grokconv-config.json"),
     Resumable("to-megatron", ("to-megatron", "{src}", "{dst}", "--tp", "2", "--pp", "2", "--no-progress"), "jax",
               "latest_checkpointed_iteration.txt"),
     Resumable("download", ("download", "--preset", "tiny", "--no-tokenizer", "--workers", "1", "--dir", "{dst}"),
               "hub", ".grokconv/manifest.json", volatile=(".grokconv/verified.jsonl",)),
     # Resumable("to-gguf", ("to-gguf", "{src}", "{dst}/model.gguf", "--no-progress"), "jax", "model.gguf"),
 ]
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    """The tiny preset cut to 4 layers and 2 experts (8 MB in bf16): every command runs in about a second."""
+    from grokconv.config import load_preset
+    from grokconv.synth import synthesize
+    return synthesize(tmp_path_factory.mktemp("small") / "grok",
+                      load_preset("tiny").replace(num_layers=4, num_experts=2).validate(), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +74,11 @@ def hub(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def sources(tiny_ckpt, tmp_path_factory, hub):
-    bf16 = tmp_path_factory.mktemp("bf16")
+def sources(small_ckpt, tmp_path_factory, hub):
+    int8 = tmp_path_factory.mktemp("int8")
     from grokconv.convert import to_safetensors
-    to_safetensors(tiny_ckpt, bf16, progress=False)
-    return {"jax": tiny_ckpt, "bf16": bf16, "hub": None}
+    to_safetensors(small_ckpt, int8, quantize="int8", progress=False)   # lossless: to-jax gives the release's bytes
+    return {"jax": small_ckpt, "int8": int8, "hub": None}
 
 
 def _env(hub) -> dict:
@@ -154,9 +163,9 @@ FULL_DISK = [c for c in RESUMABLE if c.name != "download"]   # download: tests/t
 
 @pytest.mark.parametrize("cmd", FULL_DISK, ids=[c.name for c in FULL_DISK])
 def test_full_disk_on_a_small_tmpfs_is_one_error_and_nothing_complete(cmd, sources, hub, tmp_path, monkeypatch):
-    """A real ENOSPC: the output on a 3 MiB tmpfs (root only; elsewhere the in-process test below stands)."""
+    """A real ENOSPC: the output on a 2 MiB tmpfs (root only; elsewhere the in-process test below stands)."""
     mnt = tmp_path / "small"
-    if not _mount_tmpfs(mnt, "3m"):
+    if not _mount_tmpfs(mnt, "2m"):
         pytest.skip("cannot mount a tmpfs here (needs root); the in-process ENOSPC test covers the write path")
     try:
         for k, v in _env(hub).items():
@@ -174,7 +183,7 @@ def test_full_disk_on_a_small_tmpfs_is_one_error_and_nothing_complete(cmd, sourc
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_full_disk_in_process_every_write_path(tiny_ckpt, sources, tmp_path, monkeypatch):
+def test_full_disk_in_process_every_write_path(small_ckpt, sources, tmp_path, monkeypatch):
     """ENOSPC injected into each write path (pwrite of a shard, atomic_write of a pickle and a rank
     file): one DiskFullError naming the file, the partial file removed, no completion marker."""
     import grokconv.convert as conv
@@ -193,7 +202,7 @@ def test_full_disk_in_process_every_write_path(tiny_ckpt, sources, tmp_path, mon
     with monkeypatch.context() as m:
         m.setattr(conv.os, "pwrite", full_pwrite)
         with pytest.raises(DiskFullError, match=r"model-00001-of-\d+\.safetensors: no space left") as e:
-            conv.to_safetensors(tiny_ckpt, tmp_path / "st", max_shard_size="4MB", progress=False, workers=1)
+            conv.to_safetensors(small_ckpt, tmp_path / "st", max_shard_size="4MB", progress=False, workers=1)
     assert "re-run the same command" in e.value.hint
     assert not list((tmp_path / "st").glob("*.incomplete")) and not (tmp_path / "st" / conv.INDEX_FILE).exists()
 
@@ -213,10 +222,10 @@ def test_full_disk_in_process_every_write_path(tiny_ckpt, sources, tmp_path, mon
     with monkeypatch.context() as m:
         m.setattr(atomic, "open", lambda p, mode="r": FullFile(real_open(p, mode), 300_000), raising=False)
         with pytest.raises(DiskFullError, match=r"ckpt-0/tensor\d{5}_000: no space left"):
-            to_jax(sources["bf16"], tmp_path / "jx", progress=False)
+            to_jax(sources["int8"], tmp_path / "jx", progress=False)
         assert not list((tmp_path / "jx").rglob("*.incomplete"))
         assert not (tmp_path / "jx" / "grokconv-config.json").exists()
         with pytest.raises(DiskFullError, match=r"model_optim_rng.pt: no space left"):   # torch.save's RuntimeError
-            to_megatron(tiny_ckpt, tmp_path / "mg", tp=2, progress=False)
+            to_megatron(small_ckpt, tmp_path / "mg", tp=2, progress=False)
         assert not list((tmp_path / "mg").rglob("*.incomplete"))
         assert not (tmp_path / "mg" / "latest_checkpointed_iteration.txt").exists()
