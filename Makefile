@@ -9,7 +9,7 @@ BENCH_ARGS ?=            # e.g. BENCH_ARGS='--device cuda --layers 4'
 # this workplace keeps the CPU build of torch in /opt/wheels; elsewhere pip finds it on the index
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean fuzz
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/bench.py --dir $(BENCH_DIR) $(BENCH_ARGS)
+
+# the long fuzz run (tests/fuzz_harness.py): FUZZ_CASES cases from FUZZ_SEED, FUZZ_WORKERS processes,
+# FUZZ_TIME seconds at most (0: no limit); failing case descriptors land in build/fuzz/failures.json
+FUZZ_CASES ?= 5000
+fuzz: setup
+	FUZZ_CASES=$(FUZZ_CASES) $(BIN)/python tests/fuzz_harness.py --dir build/fuzz --failures build/fuzz/failures.json
 
 clean:
 	rm -rf build $(VENV)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -135,8 +136,9 @@ def test_killed_at_random_points_then_rerun_is_byte_identical(cmd, sources, hub,
                 assert digest == want.get(name), f"{name} after a kill at {delay:.2f} s differs from the complete run"
             if not finished:
                 interrupted += 1
+                print(f"{cmd.name}: killed {delay:.2f} s into a {work_s:.2f} s run: {len(got)} files, "
+                      f"{sum(n.endswith('.incomplete') or n.endswith('.part') for n in got)} partial")
                 if cmd.name == "download":
-                    import json
                     m = dst / cmd.marker
                     assert not m.exists() or not json.loads(m.read_text())["complete"] or got == want
                 else:
@@ -158,7 +160,7 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-FULL_DISK = [c for c in RESUMABLE if c.name != "download"]   # download: tests/test_download.py (and below)
+FULL_DISK = RESUMABLE
 
 
 @pytest.mark.parametrize("cmd", FULL_DISK, ids=[c.name for c in FULL_DISK])
@@ -173,11 +175,14 @@ def test_full_disk_on_a_small_tmpfs_is_one_error_and_nothing_complete(cmd, sourc
         res = CliRunner().invoke(main, _argv(cmd, sources[cmd.source], mnt / "out"))
         assert res.exit_code == 2, res.output
         errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
-        assert len(errors) == 1 and "no space left on the device" in errors[0] and "Traceback" not in res.output
+        assert len(errors) == 1 and "Traceback" not in res.output, res.output
+        # download measures first ("not enough disk space"); the writers meet ENOSPC while writing
+        assert "no space left on the device" in errors[0] or "not enough disk space" in errors[0], errors[0]
         assert str(mnt / "out") in errors[0]
-        assert "hint: free space and re-run the same command" in res.stderr
+        assert "hint: free space" in res.stderr
         out = mnt / "out"
-        assert not (out / cmd.marker).exists()
+        assert not (out / cmd.marker).exists() or cmd.name == "download" and not json.loads(
+            (out / cmd.marker).read_text())["complete"]
         assert not list(out.rglob("*.incomplete"))
     finally:
         subprocess.run(["umount", str(mnt)], check=True)

@@ -119,8 +119,7 @@ def verify(directory, workers, no_progress, as_json):
         cls = DownloadError if report.kind == "manifest" else CheckpointFormatError
         first = report.problems[0]
         first = first if Path(first.split(": ")[0]).is_absolute() else f"{directory / first}"
-        more = f"; {len(report.problems) - 1} more problem(s)" if len(report.problems) > 1 else ""
-        raise cls(f"{first}{more} ({summary})",
+        raise cls(f"{len(report.problems)} problem(s) in {directory} ({summary}); first: {first}",
                   hint="re-run `grokconv download` with the same options to replace bad files"
                   if report.kind == "manifest" else None)
     if not as_json:

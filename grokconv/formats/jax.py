@@ -45,8 +45,9 @@ class JaxCheckpoint(CheckpointReader):
     def __init__(self, path, *, config: GrokConfig | None = None, layers=None, strict: bool = True):
         root = Path(path)
         self.dir = ckpt_dir(root)
-        cfg_path = find_config_path(self.dir)
-        self.config_source = str(cfg_path) if cfg_path else "the grok-1 preset (no grokconv-config.json)"
+        cfg_path = None if config is not None else find_config_path(self.dir)
+        self.config_source = ("the config given" if config is not None else str(cfg_path) if cfg_path
+                              else "the grok-1 preset (no grokconv-config.json)")
         config = config or find_config(self.dir)
         present = {m.group(0) for p in self.dir.iterdir() if (m := _FILE_RE.match(p.name))}
         specs = param_specs(config)
