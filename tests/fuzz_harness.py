@@ -84,6 +84,10 @@ def _build_download(base: Path, dst: Path) -> None:
         os.environ.pop("HF_HUB_OFFLINE", None)
         try:
             dl.download(dst, cfg, layers=[0], tokenizer_repo=None, progress=False, workers=2)
+            # the emulator's port is random: a fixed endpoint keeps the manifest's bytes (and so the
+            # corpus's positions in it) the same from one build to the next
+            m = dst / dl.MANIFEST
+            m.write_text(m.read_text().replace(hub.endpoint, "http://127.0.0.1:1"))
         finally:
             for k, v in saved.items():
                 if v is None:

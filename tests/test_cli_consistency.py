@@ -35,8 +35,10 @@ def test_json_summaries_parse_and_hold_the_figures(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["files"] == 14
     steps = [
-        (["to-safetensors", str(src), str(tmp_path / "st"), "--json", "--no-progress"], "files_written", 1),
-        (["to-safetensors", str(src), str(tmp_path / "st"), "--json", "--no-progress"], "files_skipped", 1),
+        (["to-safetensors", str(src), str(tmp_path / "st"), "--quantize", "int8", "--json", "--no-progress"],
+         "files_written", 1),
+        (["to-safetensors", str(src), str(tmp_path / "st"), "--quantize", "int8", "--json", "--no-progress"],
+         "files_skipped", 1),
         (["to-safetensors", str(src), str(tmp_path / "x"), "--dry-run", "--json"], "dry_run", True),
         (["verify", str(tmp_path / "st"), "--json", "--no-progress"], "ok", True),
         (["to-jax", str(tmp_path / "st"), str(tmp_path / "jx"), "--json", "--no-progress"], "tensors", 14),
@@ -49,7 +51,7 @@ def test_json_summaries_parse_and_hold_the_figures(tmp_path):
         res = run(main, argv)
         assert res.exit_code == 0, (argv, res.output)
         assert json.loads(res.stdout)[key] == value, argv
-    for p in (tmp_path / "jx" / "ckpt-0").iterdir():     # lossless all the way round
+    for p in (tmp_path / "jx" / "ckpt-0").iterdir():     # int8 is lossless all the way round
         assert p.read_bytes() == (src / "ckpt-0" / p.name).read_bytes()
     bad = tmp_path / "st" / "model-00001-of-00001.safetensors"
     bad.write_bytes(bad.read_bytes()[:-1])
