@@ -346,6 +346,8 @@ def _manifest_problem(m) -> str | None:
     for key in ("repo", "revision", "commit"):
         if not _is_str(m.get(key)) or not m.get(key):
             return f"{key} is not a string"
+    if not re.fullmatch(r"[0-9a-f]{40}", m["commit"]):
+        return f"commit {m['commit'][:50]!r} is not 40 hex digits"
     for key in ("endpoint", "tokenizer"):
         if m.get(key) is not None and not _is_str(m.get(key)):
             return f"{key} is not a string"
@@ -375,6 +377,8 @@ def _manifest_problem(m) -> str | None:
         for key in ("repo", "commit", "source"):
             if key in e and not (e[key] is None or _is_str(e[key])):
                 return f"{p}: {key} is not a string"
+        if e.get("commit") and not re.fullmatch(r"[0-9a-f]{40}", e["commit"]):
+            return f"{p}: commit {e['commit'][:50]!r} is not 40 hex digits"
     return None
 
 
@@ -699,8 +703,8 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
         missing = [f.path for f in todo if not _check_present(f, directory / f.path, ledger)]
         if missing:
             raise DownloadError(f"HF_HUB_OFFLINE is set and {len(missing)} of {len(plan.files)} files are not "
-                                f"(whole) in {directory} yet (first: {missing[0]})",
-                                hint="unset HF_HUB_OFFLINE to fetch them")
+                                f"(whole) in {directory} yet (first: {missing[0]}: not the size and sha256 "
+                                f"{MANIFEST} records)", hint="unset HF_HUB_OFFLINE to fetch them")
     else:
         _write_manifest(directory, plan, ledger, complete=False)
         fetcher = _Fetcher(directory, plan, token, ledger, workers, progress)
