@@ -555,6 +555,9 @@ def main(argv) -> int:
     last = [0.0]
 
     def show(rep):
+        r = rep.results[-1]
+        if r["failures"]:
+            print(f"FAIL {Case(**r['case']).key()}: {r['failures'][:2]}", flush=True)
         if time.monotonic() - last[0] > 10:
             last[0] = time.monotonic()
             print(f"  {len(rep.results)}/{len(cases)} cases, {len(rep.failures)} failing", flush=True)

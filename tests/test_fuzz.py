@@ -11,7 +11,7 @@ import fuzz_harness as fh
 
 CASES = int(os.environ.get("FUZZ_CASES", 300))
 SEED = int(os.environ.get("FUZZ_SEED", 0))
-BUDGET = float(os.environ.get("FUZZ_TIME", 60))
+BUDGET = float(os.environ.get("FUZZ_TIME", 40))
 WORKERS = int(os.environ.get("FUZZ_WORKERS", 2))
 
 

@@ -82,6 +82,7 @@ class JaxCheckpoint(CheckpointReader):
         self._refs: dict[str, ArrayRef | QuantRef] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self.bytes_read = 0  # header bytes read by the opcode walker (payloads are never read)
+        self.strict = strict
         if strict:
             # every header the work needs, checked now (a few hundred bytes a file): a damaged file
             # is refused before a conversion writes anything
@@ -157,9 +158,15 @@ class JaxCheckpoint(CheckpointReader):
         madvise_dontneed(mm, start, length)
 
     def stored(self) -> list[StoredTensor]:
+        """Every readable file's tensor; with ``strict=False`` a damaged one is left to ``problems()``."""
         out = []
         for spec in self.specs():
-            ref = self.ref(spec)
+            try:
+                ref = self.ref(spec)
+            except CheckpointFormatError:
+                if self.strict:
+                    raise
+                continue
             f = str(self.dir / spec.file)
             if isinstance(ref, QuantRef):
                 out.append(StoredTensor(spec.name, ref.weight.shape, "int8", ref.weight.nbytes + ref.scales.nbytes,

@@ -3,8 +3,10 @@
 It reads the opcode stream of one file with exact positioned reads, checks every opcode and every
 global against allow-lists, and returns *where* the array payloads are, never their bytes. Arrays
 are then mapped read-only from the file (zero copy). Anything outside the shapes the Grok-1 release
-uses -- another global, another opcode, a second pickle, trailing bytes, a length that disagrees
-with the shape -- raises an error naming the file.
+uses -- another global, another opcode, a string that is not UTF-8, a frame that overlaps another
+or runs past the file, an opcode straddling a frame's end, a memo index never set, a stack deeper
+than the release's, a second pickle, trailing bytes, a length that disagrees with the shape --
+raises an error naming the file and the byte.
 """
 from __future__ import annotations
 
