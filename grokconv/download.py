@@ -363,6 +363,11 @@ def _manifest_problem(m) -> str | None:
     for i, e in enumerate(files):
         if not isinstance(e, dict):
             return f"files[{i}] is not an object"
+        unknown = sorted(set(e) - {"path", "size", "sha256", "repo", "commit", "source"})
+        lacking = sorted({"path", "size", "sha256"} - set(e))
+        if unknown or lacking:
+            return f"files[{i}] has an unknown field {unknown[0][:40]!r}" if unknown else \
+                f"files[{i}] lacks {lacking[0]!r}"
         p = e.get("path")
         if not _safe_relpath(p):
             return f"files[{i}].path {str(p)[:60]!r} is not a relative path inside the directory"
@@ -627,7 +632,7 @@ def _plan_offline(directory: Path, cfg: GrokConfig, repo: str, revision: str, la
                             hint=hint)
     if m.get("repo") != repo or revision not in (m.get("revision"), m.get("commit")):
         raise DownloadError(f"HF_HUB_OFFLINE is set and {directory} holds {m.get('repo')}@{m.get('revision')}, "
-                            f"not {repo}@{revision}", hint=hint)
+                            f"not {repo}@{revision} (its {MANIFEST})", hint=hint)
     entries = {e["path"]: e for e in m["files"]}
     specs = param_specs(cfg) if layers is None else files_for_layers(cfg, layers)
     paths = [f"{CKPT_DIR}/{s.file}" for s in specs]
@@ -691,7 +696,7 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
         return result
     old = read_manifest(directory)
     if old is not None and old.get("repo") != plan.repo:
-        raise DownloadError(f"{directory} already holds a download of {old.get('repo')}",
+        raise DownloadError(f"{directory} already holds a download of {old.get('repo')} (its {MANIFEST})",
                             hint="choose another --dir for a different repository")
     started = time.monotonic()
     directory.mkdir(parents=True, exist_ok=True)
@@ -771,7 +776,7 @@ def _verify_manifest(directory: Path, m: dict, workers: int, progress: bool | No
             return f"{e['path']}: size {size:,} bytes, expected {e['size']:,} ({MANIFEST})"
         if not e.get("sha256"):
             bar.update(size)
-            return f"{e['path']}: no sha256 recorded (its download never finished)"
+            return f"{e['path']}: no sha256 recorded in {MANIFEST} (its download never finished)"
         sha = hashlib.sha256()
         with open(path, "rb") as fh:
             while chunk := fh.read(_READ_CHUNK):

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import select
 import shutil
 import subprocess
@@ -205,7 +204,6 @@ def build_inputs(workdir: Path, kinds=None) -> dict[str, Path]:
     """The base checkpoint (tiny, 2 layers) and every kind's input made from it, once."""
     from click.testing import CliRunner
     from grokconv.cli import main
-    from grokconv.config import load_preset
     from grokconv.synth import synthesize
     base = workdir / "base"
     if not base.exists():

@@ -119,7 +119,7 @@ class SafetensorsCheckpoint(CheckpointReader):
     def _detect_layout(self, modules, root: Path) -> Layout:
         try:
             return detect_layout(modules)
-        except LayoutError as e:
+        except LayoutError:
             from ..mapping import layout_names, load_layout
             best = max((load_layout(n) for n in layout_names()),
                        key=lambda lay: sum(lay.parse(m) is not None for m in modules))
