@@ -11,7 +11,7 @@ PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DEV_ARGS ?=              # e.g. DEV_ARGS='path/to/ckpt --layers 0-1' (default: the tiny synthetic model)
 
-.PHONY: setup demo test bench clean deviations wheel-check
+.PHONY: setup demo test bench clean deviations wheel-check fuzz
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,12 @@ deviations: setup
 # the wheel in a fresh venv with its dependencies resolved by pip (CI's tests/test_wheel.py shares them)
 wheel-check: setup
 	GROKCONV_WHEEL_FULL_INSTALL=1 $(BIN)/python -m pytest tests/test_wheel.py -q
+
+# the long fuzz run (tests/fuzz_harness.py): FUZZ_CASES cases from FUZZ_SEED, FUZZ_WORKERS processes,
+# FUZZ_TIME seconds at most (0: no limit); failing case descriptors land in build/fuzz/failures.json
+FUZZ_CASES ?= 5000
+fuzz: setup
+	FUZZ_CASES=$(FUZZ_CASES) $(BIN)/python tests/fuzz_harness.py --dir build/fuzz --failures build/fuzz/failures.json
 
 clean:
 	rm -rf build $(VENV)

@@ -1,6 +1,7 @@
 """The ``grokconv`` command line. Each command lives in ``grokconv/commands/``; errors become one line."""
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -21,8 +22,10 @@ class _Group(click.Group):
             if e.hint:
                 click.echo(f"hint: {e.hint}", err=True)
             sys.exit(2)
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        except OSError as e:            # the file system said no (not found, permission, full, ...): one line
             click.echo(f"error: {e}", err=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                click.echo("hint: free space and re-run the same command: it resumes", err=True)
             sys.exit(2)
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointFormatError
 
-__all__ = ["GrokConfig", "ffn_size", "load_preset", "PRESETS", "CONFIG_FILE", "find_config"]
+__all__ = ["GrokConfig", "ffn_size", "load_preset", "PRESETS", "CONFIG_FILE", "find_config", "find_config_path"]
 
 CONFIG_FILE = "grokconv-config.json"
 _PRESET_DIR = Path(__file__).parent / "configs"
@@ -87,40 +88,91 @@ class GrokConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GrokConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names - {"ffn_size", "preset", "comment"}
+    def from_dict(cls, d: dict, *, path=None) -> "GrokConfig":
+        """A config from a JSON object, every field checked (type, range) before anything uses it."""
+        if not isinstance(d, dict):
+            raise CheckpointFormatError(f"a config must be a JSON object, not {type(d).__name__}", path=path)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields) - {"ffn_size", "preset", "comment"}
         if unknown:
-            raise CheckpointFormatError(f"unknown config fields: {sorted(unknown)}")
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+            raise CheckpointFormatError(f"unknown config fields: {sorted(unknown)[:5]}", path=path)
+        for k, v in d.items():
+            if k not in fields and k != "ffn_size":
+                continue
+            lo, hi = _LIMITS.get(k, (0, math.inf))
+            is_int = k == "ffn_size" or fields[k].type in ("int", int)
+            ok_type = type(v) is int if is_int else (type(v) in (int, float) and math.isfinite(v))
+            if not ok_type:
+                raise CheckpointFormatError(f"config field {k} = {_show(v)}: expected "
+                                            f"{'an integer' if is_int else 'a finite number'}", path=path)
+            if not lo <= v <= hi:
+                raise CheckpointFormatError(f"config field {k} = {v} is out of range [{lo}, {hi}]", path=path)
+        cfg = cls(**{k: v for k, v in d.items() if k in fields})
         if "ffn_size" in d and d["ffn_size"] != cfg.ffn_size:
             raise CheckpointFormatError(
-                f"ffn_size {d['ffn_size']} disagrees with widening_factor (derives {cfg.ffn_size})")
-        return cfg.validate()
+                f"ffn_size {d['ffn_size']} disagrees with widening_factor (derives {cfg.ffn_size})", path=path)
+        try:
+            return cfg.validate()
+        except CheckpointFormatError as e:
+            if path is None:
+                raise
+            raise CheckpointFormatError(str(e), path=path) from None
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from .formats.atomic import atomic_write_text
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "GrokConfig":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise CheckpointFormatError(f"not a valid config: {e}", path=path) from None
+            raw = Path(path).read_bytes()
+            obj = json.loads(raw)
+        except ValueError as e:          # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CheckpointFormatError(f"not a valid config: {type(e).__name__}: {_first_line(e)}",
+                                        path=path) from None
+        return cls.from_dict(obj, path=path)
+
+
+# Bounds a config must be within before shapes are derived from it: beyond them a file is damaged or
+# hostile (Grok-1 itself: 64 layers, 8 experts, 6144 wide, 131072 tokens).
+_LIMITS = {
+    "vocab_size": (1, 1 << 24), "emb_size": (1, 1 << 17), "widening_factor": (1e-3, 1e3), "key_size": (2, 1 << 12),
+    "num_q_heads": (1, 1 << 12), "num_kv_heads": (1, 1 << 12), "num_layers": (1, 1 << 12),
+    "num_experts": (1, 1 << 12), "num_selected_experts": (1, 1 << 12), "sequence_len": (1, 1 << 24),
+    "model_axis": (1, 1 << 12), "ffn_size": (1, 1 << 20), "pad_token": (0, 1 << 24), "eos_token": (0, 1 << 24),
+    "bos_token": (0, 1 << 24), "rms_norm_eps": (0, 1.0), "rope_base": (1e-6, 1e12),
+    "attn_output_multiplier": (-1e6, 1e6), "embedding_multiplier_scale": (-1e6, 1e6),
+    "output_multiplier_scale": (-1e6, 1e6), "max_attn_value": (-1e6, 1e6),
+}
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def load_preset(name: str, **overrides) -> GrokConfig:
     path = _PRESET_DIR / f"{name}.json"
-    if not path.exists():
+    if not path.exists() or name not in PRESETS:
         raise CheckpointFormatError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = GrokConfig.load(path)
     return cfg.replace(**overrides).validate() if overrides else cfg
 
 
-def find_config(directory: Path) -> GrokConfig:
-    """The config stored with a checkpoint, else the real Grok-1 config."""
+def find_config_path(directory: Path) -> Path | None:
+    """The ``grokconv-config.json`` stored with a checkpoint (in it or beside it), or None."""
     directory = Path(directory)
     for cand in (directory / CONFIG_FILE, directory.parent / CONFIG_FILE):
         if cand.exists():
-            return GrokConfig.load(cand)
-    return load_preset("grok-1")
+            return cand
+    return None
+
+
+def find_config(directory: Path) -> GrokConfig:
+    """The config stored with a checkpoint, else the real Grok-1 config."""
+    path = find_config_path(directory)
+    return GrokConfig.load(path) if path is not None else load_preset("grok-1")

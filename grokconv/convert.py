@@ -25,7 +25,7 @@ import torch
 from .config import CONFIG_FILE
 from .errors import LayoutError, MissingTensorError
 from .export import ENCODINGS, Encoding, SourceRows, encode_chunk, encoding_for, stage, tensor_amax
-from .formats.atomic import TMP_SUFFIX, atomic_write_text
+from .formats.atomic import TMP_SUFFIX, atomic_write_text, raise_if_disk_full
 from .formats.base import CheckpointReader, open_checkpoint
 from .formats.safetensors_io import DTYPES, ShardPlan
 from .mapping import Layout, Target, load_layout
@@ -331,9 +331,10 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
                     for f in futs:
                         summary.bytes_read += f.result()
                 summary.tensors += sum(len(j.outputs) for j in jobs)
-            except BaseException:
+            except BaseException as e:
                 os.close(fd)
                 tmp.unlink(missing_ok=True)
+                raise_if_disk_full(e, final)
                 raise
             os.close(fd)
             os.replace(tmp, final)

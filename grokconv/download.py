@@ -226,12 +226,13 @@ class _Ledger:
         self.entries: dict[str, dict] = {}
         self._lock = threading.Lock()
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            for line in self.path.read_bytes().splitlines():
                 try:
                     rec = json.loads(line)
-                    self.entries[rec["path"]] = rec
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except ValueError:
                     continue  # a line torn by a kill
+                if isinstance(rec, dict) and _safe_relpath(rec.get("path")):
+                    self.entries[rec["path"]] = rec   # only trusted when size, mtime and oid all match
 
     def is_verified(self, f: RemoteFile, final: Path) -> bool:
         rec = self.entries.get(f.path)
@@ -305,16 +306,85 @@ def _check_present(f: RemoteFile, final: Path, ledger: _Ledger) -> bool:
 
 
 def read_manifest(directory) -> dict | None:
+    """The directory's manifest, every field checked (None when there is none)."""
     path = Path(directory) / MANIFEST
     if not path.exists():
         return None
     try:
-        m = json.loads(path.read_text())
-        if not isinstance(m, dict) or not isinstance(m.get("files"), list):
-            raise ValueError("no file list")
-    except ValueError as e:
-        raise CheckpointFormatError(f"not a grokconv download manifest: {e}", path=path) from None
+        m = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:    # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        detail = str(e).splitlines()[0] if isinstance(e, ValueError) and str(e) else type(e).__name__
+        raise CheckpointFormatError(f"not a grokconv download manifest: {detail}", path=path) from None
+    problem = _manifest_problem(m)
+    if problem:
+        raise CheckpointFormatError(f"not a grokconv download manifest: {problem}", path=path,
+                                    hint="delete it and re-run `grokconv download` with the same options: "
+                                         "files present are hashed, not fetched again")
     return m
+
+
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str) and len(v) <= 4096
+
+
+def _safe_relpath(p) -> bool:
+    """A path inside the download directory: relative, no '..', no empty or dot parts."""
+    return (_is_str(p) and p != "" and not p.startswith("/") and "\\" not in p and "\0" not in p
+            and all(part not in ("", ".", "..") for part in p.split("/")))
+
+
+def _manifest_problem(m) -> str | None:
+    """What is wrong with a parsed manifest, or None."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if m.get("grokconv_manifest") != _MANIFEST_VERSION or type(m.get("grokconv_manifest")) is not int:
+        return f"grokconv_manifest is {str(m.get('grokconv_manifest'))[:20]}, expected {_MANIFEST_VERSION}"
+    for key in ("repo", "revision", "commit"):
+        if not _is_str(m.get(key)) or not m.get(key):
+            return f"{key} is not a string"
+    if not re.fullmatch(r"[0-9a-f]{40}", m["commit"]):
+        return f"commit {m['commit'][:50]!r} is not 40 hex digits"
+    for key in ("endpoint", "tokenizer"):
+        if m.get(key) is not None and not _is_str(m.get(key)):
+            return f"{key} is not a string"
+    if not isinstance(m.get("complete"), bool):
+        return "complete is not true or false"
+    layers = m.get("layers")
+    if layers is not None and not (isinstance(layers, list) and all(type(x) is int and x >= 0 for x in layers)):
+        return "layers is neither null nor a list of layer numbers"
+    files = m.get("files")
+    if not isinstance(files, list):
+        return "no file list"
+    seen = set()
+    for i, e in enumerate(files):
+        if not isinstance(e, dict):
+            return f"files[{i}] is not an object"
+        unknown = sorted(set(e) - {"path", "size", "sha256", "repo", "commit", "source"})
+        lacking = sorted({"path", "size", "sha256"} - set(e))
+        if unknown or lacking:
+            return f"files[{i}] has an unknown field {unknown[0][:40]!r}" if unknown else \
+                f"files[{i}] lacks {lacking[0]!r}"
+        p = e.get("path")
+        if not _safe_relpath(p):
+            return f"files[{i}].path {str(p)[:60]!r} is not a relative path inside the directory"
+        if p in seen:
+            return f"{p} is listed twice"
+        seen.add(p)
+        if type(e.get("size")) is not int or e["size"] < 0:
+            return f"{p}: size {str(e.get('size'))[:20]} is not a byte count"
+        sha = e.get("sha256")
+        if sha is not None and not _is_sha256(sha):
+            return f"{p}: sha256 {str(sha)[:70]!r} is not 64 hex digits"
+        for key in ("repo", "commit", "source"):
+            if key in e and not (e[key] is None or _is_str(e[key])):
+                return f"{p}: {key} is not a string"
+        if e.get("commit") and not re.fullmatch(r"[0-9a-f]{40}", e["commit"]):
+            return f"{p}: commit {e['commit'][:50]!r} is not 40 hex digits"
+    return None
 
 
 def _write_manifest(directory: Path, plan: DownloadPlan, ledger: _Ledger, complete: bool) -> None:
@@ -323,11 +393,12 @@ def _write_manifest(directory: Path, plan: DownloadPlan, ledger: _Ledger, comple
     entries = {e["path"]: e for e in old.get("files", [])}
     for f in plan.files:
         rec = ledger.entries.get(f.path)
-        sha = f.sha256 or (rec["sha256"] if rec and rec.get("oid") == f.oid else None)
+        sha = f.sha256 or (rec.get("sha256") if rec and rec.get("oid") == f.oid and _is_sha256(rec.get("sha256"))
+                           else None)
         entries[f.path] = {"path": f.path, "size": f.size, "sha256": sha, "repo": f.repo, "commit": f.commit}
     if plan.tokenizer_path is not None:
         rec = ledger.entries.get(TOKENIZER_FILE)
-        if rec:
+        if rec and _is_sha256(rec.get("sha256")) and type(rec.get("size")) is int:
             entries[TOKENIZER_FILE] = {"path": TOKENIZER_FILE, "size": rec["size"], "sha256": rec["sha256"],
                                        "source": str(plan.tokenizer_path)}
     had_all = "layers" in old and old["layers"] is None
@@ -561,7 +632,7 @@ def _plan_offline(directory: Path, cfg: GrokConfig, repo: str, revision: str, la
                             hint=hint)
     if m.get("repo") != repo or revision not in (m.get("revision"), m.get("commit")):
         raise DownloadError(f"HF_HUB_OFFLINE is set and {directory} holds {m.get('repo')}@{m.get('revision')}, "
-                            f"not {repo}@{revision}", hint=hint)
+                            f"not {repo}@{revision} (its {MANIFEST})", hint=hint)
     entries = {e["path"]: e for e in m["files"]}
     specs = param_specs(cfg) if layers is None else files_for_layers(cfg, layers)
     paths = [f"{CKPT_DIR}/{s.file}" for s in specs]
@@ -576,7 +647,8 @@ def _plan_offline(directory: Path, cfg: GrokConfig, repo: str, revision: str, la
             files.append(RemoteFile(p, e.get("repo", ""), e.get("commit", ""), e["size"], e["sha256"]))
     if unknown:
         raise DownloadError(f"HF_HUB_OFFLINE is set and {len(unknown)} requested file(s) were never fetched into "
-                            f"{directory} (first: {unknown[0]})", hint=hint)
+                            f"{directory} (first: {unknown[0]}, which it lists with no sha256)", hint=hint,
+                            path=directory / MANIFEST)
     return DownloadPlan(repo, revision, m["commit"], m.get("endpoint", ""),
                         None if layers is None else sorted(layers), files, tokenizer=m.get("tokenizer"))
 
@@ -624,7 +696,7 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
         return result
     old = read_manifest(directory)
     if old is not None and old.get("repo") != plan.repo:
-        raise DownloadError(f"{directory} already holds a download of {old.get('repo')}",
+        raise DownloadError(f"{directory} already holds a download of {old.get('repo')} (its {MANIFEST})",
                             hint="choose another --dir for a different repository")
     started = time.monotonic()
     directory.mkdir(parents=True, exist_ok=True)
@@ -636,8 +708,8 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
         missing = [f.path for f in todo if not _check_present(f, directory / f.path, ledger)]
         if missing:
             raise DownloadError(f"HF_HUB_OFFLINE is set and {len(missing)} of {len(plan.files)} files are not "
-                                f"(whole) in {directory} yet (first: {missing[0]})",
-                                hint="unset HF_HUB_OFFLINE to fetch them")
+                                f"(whole) in {directory} yet (first: {missing[0]}: not the size and sha256 "
+                                f"{MANIFEST} records)", hint="unset HF_HUB_OFFLINE to fetch them")
     else:
         _write_manifest(directory, plan, ledger, complete=False)
         fetcher = _Fetcher(directory, plan, token, ledger, workers, progress)
@@ -697,21 +769,21 @@ def _verify_manifest(directory: Path, m: dict, workers: int, progress: bool | No
     def check(e: dict) -> str | None:
         path = directory / e["path"]
         if not path.is_file():
-            return f"{e['path']}: missing"
+            return f"{e['path']}: missing (listed in {MANIFEST})"
         size = path.stat().st_size
         if size != e["size"]:
             bar.update(e["size"])
-            return f"{e['path']}: size {size:,} bytes, expected {e['size']:,}"
+            return f"{e['path']}: size {size:,} bytes, expected {e['size']:,} ({MANIFEST})"
         if not e.get("sha256"):
             bar.update(size)
-            return f"{e['path']}: no sha256 recorded (its download never finished)"
+            return f"{e['path']}: no sha256 recorded in {MANIFEST} (its download never finished)"
         sha = hashlib.sha256()
         with open(path, "rb") as fh:
             while chunk := fh.read(_READ_CHUNK):
                 sha.update(chunk)
                 bar.update(len(chunk))
         got = sha.hexdigest()
-        return None if got == e["sha256"] else f"{e['path']}: sha256 {got}, expected {e['sha256']}"
+        return None if got == e["sha256"] else f"{e['path']}: sha256 {got}, expected {e['sha256']} ({MANIFEST})"
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 __all__ = [
     "GrokconvError", "CheckpointFormatError", "UnsafePickleError", "MissingTensorError",
     "ShapeMismatchError", "TruncatedFileError", "LayoutError", "DownloadError", "ParityError",
-    "EngineUnavailableError",
+    "EngineUnavailableError", "DiskFullError",
 ]
 
 
@@ -53,6 +53,12 @@ class LayoutError(GrokconvError, ValueError):
 
 class DownloadError(GrokconvError, OSError):
     """The hub could not give what was asked (missing repo, auth, network, checksum, disk)."""
+
+
+class DiskFullError(GrokconvError, OSError):
+    """An output could not be written: no space left on its device (or the quota is used up)."""
+
+    hint = "free space and re-run the same command: finished files are kept and it resumes"
 
 
 class ParityError(GrokconvError, AssertionError):

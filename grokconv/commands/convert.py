@@ -4,6 +4,7 @@ from ..inspect import human
 from ..mapping import layout_names
 from ..roles import ENCODINGS
 from ..schema import parse_layers
+from ._output import emit, json_option, summary_dict
 
 
 def _layers(ctx_value, num_layers):
@@ -44,8 +45,9 @@ def print_summary(s, echo=click.echo):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, its shard and size).")
 @click.option("--no-progress", is_flag=True)
+@json_option
 def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layers, tokenizer, max_shard_size, workers,
-          device, dry_run, no_progress):
+          device, dry_run, no_progress, as_json):
     """Convert SRC (any format grokconv reads) to sharded safetensors in DST."""
     from ..convert import to_safetensors
     from ..formats.base import open_checkpoint
@@ -55,25 +57,33 @@ def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layer
                          int8_scheme=int8_scheme, layers=layer_list, max_shard_size=max_shard_size, workers=workers, device=device,
                          dry_run=dry_run, progress=not no_progress, tokenizer=tokenizer, require_files=True)
     if dry_run:
-        for shard in res.shards:
-            click.echo(f"{shard.filename}  {human(shard.size)}")
-            for name, dtype, shape in shard.tensors:
-                n = shard.offsets[name]
-                click.echo(f"  {name}  {dtype} {list(shape)}  @{n}")
-        click.echo(f"{sum(len(s.tensors) for s in res.shards)} tensors in {len(res.shards)} shard(s), "
-                   f"{human(res.total_size)}")
+        def text():
+            for shard in res.shards:
+                click.echo(f"{shard.filename}  {human(shard.size)}")
+                for name, dtype, shape in shard.tensors:
+                    n = shard.offsets[name]
+                    click.echo(f"  {name}  {dtype} {list(shape)}  @{n}")
+            click.echo(f"{sum(len(s.tensors) for s in res.shards)} tensors in {len(res.shards)} shard(s), "
+                       f"{human(res.total_size)}")
+        emit({"command": "to-safetensors", "dry_run": True, "layout": layout, "quantize": quantize,
+              "total_bytes": res.total_size, "quantization_config": res.quantization_config,
+              "shards": [{"file": s.filename, "bytes": s.size,
+                          "tensors": [{"name": n, "dtype": d, "shape": list(sh), "offset": s.offsets[n]}
+                                      for n, d, sh in s.tensors]} for s in res.shards]}, as_json, text)
         return
-    print_summary(res)
+    emit(summary_dict("to-safetensors", res, src=src, dst=dst), as_json, lambda: print_summary(res))
 
 
 @click.command("to-jax")
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
 @click.option("--no-progress", is_flag=True)
-def to_jx(src, dst, no_progress):
+@json_option
+def to_jx(src, dst, no_progress, as_json):
     """Write SRC back in the original Grok-1 format (DST/ckpt-0/tensorNNNNN_000)."""
     from ..jax_export import to_jax
-    print_summary(to_jax(src, dst, progress=not no_progress))
+    res = to_jax(src, dst, progress=not no_progress)
+    emit(summary_dict("to-jax", res, src=src, dst=dst), as_json, lambda: print_summary(res))
 
 
 COMMANDS = [to_st, to_jx]

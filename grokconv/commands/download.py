@@ -10,6 +10,7 @@ from ..download import (DEFAULT_REPO, DEFAULT_TOKENIZER_REPO, MANIFEST, download
                         verify_dir)
 from ..errors import CheckpointFormatError, DownloadError
 from ..schema import parse_layers
+from ._output import emit, json_option
 
 __all__ = ["COMMANDS", "download", "verify"]
 
@@ -34,8 +35,10 @@ def _layers_text(layers) -> str:
 @click.option("--no-tokenizer", is_flag=True, help="Fetch no tokenizer.")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 64), help="Parallel transfers.")
 @click.option("--dry-run", is_flag=True, help="List the files and the total size; fetch and write nothing.")
+@click.option("--no-progress", is_flag=True)
+@json_option
 def download(repo, revision, directory, layers, preset, tokenizer_repo, tokenizer_path, no_tokenizer, workers,
-             dry_run):
+             dry_run, no_progress, as_json):
     """Fetch Grok-1's original weights from the Hugging Face hub, verified and resumable.
 
     Every file is checked against the hub's sha256 before it gets its final name; an interrupted
@@ -49,6 +52,8 @@ def download(repo, revision, directory, layers, preset, tokenizer_repo, tokenize
         raise click.BadParameter(str(e), param_hint="--layers") from None
 
     def show_plan(result):
+        if as_json:
+            return
         plan = result.plan
         click.echo(f"source: {plan.repo}@{plan.revision} (commit {plan.commit[:12]}) from {plan.endpoint}")
         click.echo(f"plan: {len(plan.files)} files, {format_bytes(plan.total_bytes)} ({plan.total_bytes:,} bytes), "
@@ -58,8 +63,21 @@ def download(repo, revision, directory, layers, preset, tokenizer_repo, tokenize
 
     result = download_files(directory, cfg, repo=repo, revision=revision, layers=wanted,
                             tokenizer_repo=None if no_tokenizer else tokenizer_repo, tokenizer_path=tokenizer_path,
-                            workers=workers, dry_run=dry_run, on_plan=show_plan)
+                            workers=workers, dry_run=dry_run, on_plan=show_plan,
+                            progress=False if no_progress else None)
     plan = result.plan
+    if as_json:
+        present = set(result.present)
+        emit({
+            "command": "download", "dry_run": dry_run, "offline": result.offline, "repo": plan.repo,
+            "revision": plan.revision, "commit": plan.commit, "endpoint": plan.endpoint, "layers": plan.layers,
+            "directory": str(directory), "tokenizer": plan.tokenizer, "total_bytes": plan.total_bytes,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "present": f.path in present}
+                      for f in plan.files],
+            "fetched_files": result.fetched_files, "fetched_bytes": result.fetched_bytes,
+            "seconds": round(result.seconds, 3), "retried": result.retried,
+            "manifest": None if dry_run else str(directory / MANIFEST)}, True, None)
+        return
     if dry_run:
         present = set(result.present)
         for f in plan.files:
@@ -83,23 +101,29 @@ def download(repo, revision, directory, layers, preset, tokenizer_repo, tokenize
 @click.command("verify")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 64), help="Files hashed at once.")
-def verify(directory, workers):
+@click.option("--no-progress", is_flag=True)
+@json_option
+def verify(directory, workers, no_progress, as_json):
     """Check a downloaded or converted directory.
 
     A grokconv download: every file's size and sha256 against DIR/.grokconv/manifest.json.
     A safetensors checkpoint: every shard of the index exists, its header parses and covers the
     file, and it holds the tensors the index assigns it.
     """
-    report = verify_dir(directory, workers=workers)
-    for problem in report.problems:
-        click.echo(f"FAIL {problem}")
+    report = verify_dir(directory, workers=workers, progress=False if no_progress else None)
     summary = f"{report.files} files, {format_bytes(report.bytes)}, against {report.kind} {report.source}"
+    emit({"command": "verify", "directory": str(directory), "ok": not report.problems, "kind": report.kind,
+          "source": report.source, "files": report.files, "bytes": report.bytes, "problems": report.problems},
+         as_json, lambda: [click.echo(f"FAIL {p}") for p in report.problems])
     if report.problems:
         cls = DownloadError if report.kind == "manifest" else CheckpointFormatError
-        raise cls(f"{len(report.problems)} problem(s) in {directory} ({summary})",
+        first = report.problems[0]
+        first = first if Path(first.split(": ")[0]).is_absolute() else f"{directory / first}"
+        raise cls(f"{len(report.problems)} problem(s) in {directory} ({summary}); first: {first}",
                   hint="re-run `grokconv download` with the same options to replace bad files"
                   if report.kind == "manifest" else None)
-    click.echo(f"ok: {summary}")
+    if not as_json:
+        click.echo(f"ok: {summary}")
 
 
 COMMANDS = [download, verify]

@@ -5,6 +5,7 @@ import click
 
 from ..inspect import human as format_bytes
 from ..roles import ENCODINGS
+from ._output import emit, json_option, summary_dict
 
 __all__ = ["COMMANDS", "to_megatron", "from_megatron"]
 
@@ -46,8 +47,9 @@ def _summary(s) -> str:
                    "input norm input_layernorm, transformer_engine fuses it into self_attention.linear_qkv.")
 @click.option("--dry-run", is_flag=True, help="Print every rank file and its size; write nothing.")
 @click.option("--no-progress", is_flag=True)
+@json_option
 def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_vocab_size_divisible_by,
-                transformer_impl, dry_run, no_progress):
+                transformer_impl, dry_run, no_progress, as_json):
     """Write SRC (any checkpoint grokconv reads) as a Megatron-Core release checkpoint in DST.
 
     DST/release/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt, one file per rank, each
@@ -58,15 +60,22 @@ def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_v
                          vocab_pad=vocab_pad, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                          transformer_impl=transformer_impl, dry_run=dry_run, progress=not no_progress)
     if dry_run:
-        for rp in res.ranks:
-            click.echo(f"{rp.relpath}  {format_bytes(rp.nbytes)}  {len(rp.tensors)} tensors")
         big = res.largest
-        click.echo(f"{len(res.ranks)} rank files, {format_bytes(res.total_bytes)} in all; "
-                   f"largest {big.relpath} {format_bytes(big.nbytes)}")
-        if res.memory_limit is not None and big.nbytes > res.memory_limit:
-            click.echo(f"refused without --dry-run: over the memory limit of {format_bytes(res.memory_limit)}")
+
+        def text():
+            for rp in res.ranks:
+                click.echo(f"{rp.relpath}  {format_bytes(rp.nbytes)}  {len(rp.tensors)} tensors")
+            click.echo(f"{len(res.ranks)} rank files, {format_bytes(res.total_bytes)} in all; "
+                       f"largest {big.relpath} {format_bytes(big.nbytes)}")
+            if res.memory_limit is not None and big.nbytes > res.memory_limit:
+                click.echo(f"refused without --dry-run: over the memory limit of {format_bytes(res.memory_limit)}")
+        emit({"command": "to-megatron", "dry_run": True, "total_bytes": res.total_bytes,
+              "memory_limit": res.memory_limit,
+              "fits": res.memory_limit is None or big.nbytes <= res.memory_limit,
+              "ranks": [{"file": rp.relpath, "bytes": rp.nbytes, "tensors": len(rp.tensors)} for rp in res.ranks]},
+             as_json, text)
         return
-    click.echo(_summary(res))
+    emit(summary_dict("to-megatron", res, src=src, dst=dst), as_json, lambda: click.echo(_summary(res)))
 
 
 @click.command("from-megatron")
@@ -82,7 +91,8 @@ def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_v
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--no-progress", is_flag=True)
-def from_megatron(src, dst, layout, quantize, fp8_scheme, max_shard_size, workers, no_progress):
+@json_option
+def from_megatron(src, dst, layout, quantize, fp8_scheme, max_shard_size, workers, no_progress, as_json):
     """Convert a Megatron-Core checkpoint SRC (as to-megatron writes it) back to a Grok-1 layout in DST."""
     from ..formats.base import open_checkpoint
     with open_checkpoint(src, fmt="megatron"):
@@ -99,7 +109,7 @@ def from_megatron(src, dst, layout, quantize, fp8_scheme, max_shard_size, worker
         from ..convert import to_safetensors
         s = to_safetensors(src, dst, layout=layout, quantize=quantize, fp8_scheme=fp8_scheme,
                            max_shard_size=max_shard_size, workers=workers, progress=not no_progress)
-    click.echo(_summary(s))
+    emit(summary_dict("from-megatron", s, src=src, dst=dst, layout=layout), as_json, lambda: click.echo(_summary(s)))
 
 
 COMMANDS = [to_megatron, from_megatron]

@@ -2,6 +2,7 @@ import click
 
 from ..config import PRESETS, GrokConfig, load_preset
 from ..synth import synthesize
+from ._output import emit, json_option
 
 
 @click.command("synth")
@@ -10,14 +11,25 @@ from ..synth import synthesize
 @click.option("--config", "config_path", type=click.Path(exists=True), help="A grokconv-config.json instead of a preset.")
 @click.option("--layers", "num_layers", type=int, help="Number of layers (overrides the preset).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def command(out, preset, config_path, num_layers, seed):
+@click.option("--no-progress", is_flag=True)
+@json_option
+def command(out, preset, config_path, num_layers, seed, no_progress, as_json):
     """Write a synthetic checkpoint in the exact format of the Grok-1 release.
 
     `tiny` is small enough for CI and within the original loader's limits; `full-width` has the real
     tensor shapes (2 layers unless --layers). Same seed, same bytes.
     """
+    import time
+
+    from tqdm import tqdm
+
+    from ..schema import param_specs
     cfg = GrokConfig.load(config_path) if config_path else load_preset(preset)
     if num_layers:
-        cfg = cfg.replace(num_layers=num_layers).validate()
-    synthesize(out, cfg, seed=seed)
-    click.echo(f"wrote {out}: {cfg.num_layers} layers, d_model {cfg.emb_size}, seed {seed}")
+        cfg = GrokConfig.from_dict({**cfg.to_dict(), "num_layers": num_layers})
+    t0 = time.perf_counter()
+    with tqdm(total=len(param_specs(cfg)), unit="file", desc="synth", disable=no_progress) as bar:
+        synthesize(out, cfg, seed=seed, progress=lambda spec: bar.update(1))
+    emit({"command": "synth", "out": out, "preset": None if config_path else preset, "seed": seed,
+          "files": len(param_specs(cfg)), "seconds": round(time.perf_counter() - t0, 3), "config": cfg.to_dict()},
+         as_json, lambda: click.echo(f"wrote {out}: {cfg.num_layers} layers, d_model {cfg.emb_size}, seed {seed}"))

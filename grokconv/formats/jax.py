@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import GrokConfig, find_config
+from ..config import GrokConfig, find_config, find_config_path
 from ..errors import CheckpointFormatError, MissingTensorError, ShapeMismatchError
 from ..schema import ParamSpec, file_name, param_specs
 from ..tensor import BF16, QInt8
@@ -45,6 +45,9 @@ class JaxCheckpoint(CheckpointReader):
     def __init__(self, path, *, config: GrokConfig | None = None, layers=None, strict: bool = True):
         root = Path(path)
         self.dir = ckpt_dir(root)
+        cfg_path = None if config is not None else find_config_path(self.dir)
+        self.config_source = ("the config given" if config is not None else str(cfg_path) if cfg_path
+                              else "the grok-1 preset (no grokconv-config.json)")
         config = config or find_config(self.dir)
         present = {m.group(0) for p in self.dir.iterdir() if (m := _FILE_RE.match(p.name))}
         specs = param_specs(config)
@@ -79,6 +82,13 @@ class JaxCheckpoint(CheckpointReader):
         self._refs: dict[str, ArrayRef | QuantRef] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self.bytes_read = 0  # header bytes read by the opcode walker (payloads are never read)
+        self.strict = strict
+        if strict:
+            # every header the work needs, checked now (a few hundred bytes a file): a damaged file
+            # is refused before a conversion writes anything
+            for spec in self.specs():
+                if spec.layer is None or spec.layer in need:
+                    self.ref(spec)
 
     # -- headers -------------------------------------------------------------------------------
     def ref(self, spec: ParamSpec):
@@ -105,7 +115,8 @@ class JaxCheckpoint(CheckpointReader):
         for a, shape, dtype in pairs:
             if tuple(a.shape) != tuple(shape) or a.dtype != dtype:
                 raise ShapeMismatchError(
-                    f"{spec.name}: found {a.dtype}{list(a.shape)}, config expects {np.dtype(dtype)}{list(shape)}",
+                    f"{spec.name}: found {a.dtype}{list(a.shape)}, the config expects {np.dtype(dtype)}{list(shape)} "
+                    f"(config: {self.config_source})",
                     path=path, expected=(str(np.dtype(dtype)), tuple(shape)), got=(str(a.dtype), tuple(a.shape)))
 
     def _view(self, a: ArrayRef) -> np.ndarray:
@@ -147,9 +158,15 @@ class JaxCheckpoint(CheckpointReader):
         madvise_dontneed(mm, start, length)
 
     def stored(self) -> list[StoredTensor]:
+        """Every readable file's tensor; with ``strict=False`` a damaged one is left to ``problems()``."""
         out = []
         for spec in self.specs():
-            ref = self.ref(spec)
+            try:
+                ref = self.ref(spec)
+            except CheckpointFormatError:
+                if self.strict:
+                    raise
+                continue
             f = str(self.dir / spec.file)
             if isinstance(ref, QuantRef):
                 out.append(StoredTensor(spec.name, ref.weight.shape, "int8", ref.weight.nbytes + ref.scales.nbytes,

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import CONFIG_FILE, GrokConfig, ffn_size, load_preset
-from ..errors import CheckpointFormatError, MissingTensorError, ShapeMismatchError, UnsafePickleError
-from ..sharding import Parallel, checkpoint_dir_name, expert_owner, layer_location
+from ..config import CONFIG_FILE, GrokConfig, load_preset
+from ..errors import CheckpointFormatError, LayoutError, MissingTensorError, ShapeMismatchError, UnsafePickleError
+from ..sharding import Parallel, checkpoint_dir_name, expert_owner, layer_location, validate_parallel
 from ..tensor import from_torch
 from .base import CheckpointReader, StoredTensor, register_format
 
@@ -114,10 +114,16 @@ def _detect(path) -> bool:
 def _iteration_dir(root: Path) -> Path:
     tracker = root / TRACKER_FILE
     if tracker.exists():
-        text = tracker.read_text().strip()
+        try:
+            text = tracker.read_bytes()[:64].decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise CheckpointFormatError("tracker file is not text ('release' or an iteration number)",
+                                        path=tracker) from None
         if text == "release":
             return root / "release"
         try:
+            if not text.isdigit():
+                raise ValueError(text)
             return root / f"iter_{int(text):07d}"
         except ValueError:
             raise CheckpointFormatError(f"tracker file holds {text!r}, neither 'release' nor an iteration",
@@ -151,20 +157,25 @@ class MegatronCheckpoint(CheckpointReader):
         if not isinstance(args, argparse.Namespace):
             raise CheckpointFormatError("rank file has no args Namespace", path=self.iter_dir / first)
         self.args = args
-        vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
-        self.par = Parallel(int(getattr(args, "tensor_model_parallel_size", 1) or 1),
-                            int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
-                            int(getattr(args, "expert_model_parallel_size", 1) or 1),
-                            int(vp) if vp not in (None, 1) else None,
+        self._first = self.iter_dir / first / RANK_FILE
+        vp = _size_arg(args, "virtual_pipeline_model_parallel_size", None, self._first)
+        self.par = Parallel(_size_arg(args, "tensor_model_parallel_size", 1, self._first),
+                            _size_arg(args, "pipeline_model_parallel_size", 1, self._first),
+                            _size_arg(args, "expert_model_parallel_size", 1, self._first),
+                            vp if vp not in (None, 1) else None,
                             bool(getattr(args, "untie_embeddings_and_output_weights", False)),
-                            int(getattr(args, "make_vocab_size_divisible_by", 128) or 128))
+                            _size_arg(args, "make_vocab_size_divisible_by", 128, self._first))
         missing = [d for d in self._rank_dirs() if not (self.iter_dir / d / RANK_FILE).exists()]
         if missing:
             raise MissingTensorError(f"{len(missing)} rank file(s) missing for tp={self.par.tp} pp={self.par.pp} "
                                      f"ep={self.par.ep}, first {missing[0]}/{RANK_FILE}", path=self.iter_dir)
         cfg = self._config(root)
+        pad = getattr(args, "grokconv_vocab_padding", "replicate")
+        if pad not in ("replicate", "zero"):
+            raise CheckpointFormatError(f"args grokconv_vocab_padding {str(pad)[:20]!r} is neither replicate nor "
+                                        "zero", path=self._first)
         self.impl = _transformer_impl(head, args)
-        self.layout = load_megatron_layout(getattr(args, "grokconv_vocab_padding", "replicate"), self.impl)
+        self.layout = load_megatron_layout(pad, self.impl)
         self._check_args(cfg)
         self._files: OrderedDict = OrderedDict()
         self._lock = threading.Lock()          # to_safetensors reads from worker threads
@@ -177,15 +188,22 @@ class MegatronCheckpoint(CheckpointReader):
             if bad:
                 raise MissingTensorError(f"layers {bad} are not in this checkpoint ({cfg.num_layers} layers)",
                                          path=root)
+        if strict:
+            # every rank file's names, shapes and dtypes against the plan, now (pickles only, the
+            # tensors stay mapped): a damaged rank file is refused before a conversion writes anything
+            for problem, where in self._rank_problems():
+                raise CheckpointFormatError(problem, path=where)
 
     # -- config --------------------------------------------------------------------------------
     def _config(self, root: Path) -> GrokConfig:
         if (root / CONFIG_FILE).exists():
+            self.config_source = str(root / CONFIG_FILE)
             return GrokConfig.load(root / CONFIG_FILE)
+        self.config_source = f"the args of {self._first}"
         stored = getattr(self.args, "grokconv_config", None)
-        if isinstance(stored, dict):
-            return GrokConfig.from_dict(stored)
-        return _config_from_args(self.args, self.iter_dir)
+        if stored is not None:
+            return GrokConfig.from_dict(stored, path=self._first)
+        return _config_from_args(self.args, self._first)
 
     def _check_args(self, cfg: GrokConfig) -> None:
         a = self.args
@@ -194,8 +212,14 @@ class MegatronCheckpoint(CheckpointReader):
         for k, v in want.items():
             got = getattr(a, k, None)
             if got is not None and got != v:
-                raise ShapeMismatchError(f"checkpoint args {k}={got}, but the Grok config says {v}",
-                                         path=self.iter_dir, expected=v, got=got)
+                raise ShapeMismatchError(f"checkpoint args {k}={str(got)[:20]}, but the Grok config says {v} "
+                                         f"(config: {self.config_source})",
+                                         path=self._first, expected=v, got=got)
+        try:
+            validate_parallel(cfg, self.par)
+        except LayoutError as e:
+            raise CheckpointFormatError(f"args hold a parallel layout the config cannot have: {e}",
+                                        path=self._first) from None
 
     # -- rank files ----------------------------------------------------------------------------
     def _rank_dirs(self) -> list[str]:
@@ -230,8 +254,9 @@ class MegatronCheckpoint(CheckpointReader):
         if key not in sd:
             raise MissingTensorError(f"{where}: no tensor {key}", path=self.iter_dir)
         t = sd[key]
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointFormatError(f"{where}: {key} is a {type(t).__name__}, not a tensor", path=self.iter_dir)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            what = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise CheckpointFormatError(f"{where}: {key} is {what}, not a floating-point tensor", path=self.iter_dir)
         shape = mapping.rank_shape(self.config, self.par)
         if tuple(t.shape) != tuple(shape):
             raise ShapeMismatchError(f"{where}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}",
@@ -303,21 +328,42 @@ class MegatronCheckpoint(CheckpointReader):
                                                 v.numel() * v.element_size(), str(self.iter_dir / d / RANK_FILE)))
         return out
 
-    def problems(self) -> list[str]:
+    def _rank_problems(self):
+        """(problem, rank file) for every rank file whose state dicts do not hold what the plan puts there."""
         from ..megatron import plan_megatron
-        probs = []
         pad = getattr(self.args, "grokconv_vocab_padding", "replicate")
         plan = plan_megatron(self.config, self.par, pad, self.impl)
+        keys = plan.model_keys()
         for rp in plan.ranks:
+            path = self.iter_dir / rp.dirname / RANK_FILE
             obj = self._rank(rp.tp, rp.pp, rp.ep)
-            keys = plan.model_keys()
+            if not isinstance(obj.get("args"), argparse.Namespace):
+                yield "rank file has no args Namespace", path
+                continue
             for c, mk in enumerate(keys):
-                want = {t.key for t in rp.tensors if t.chunk == c}
-                have = {k for k, v in (obj.get(mk) or {}).items() if not k.endswith("_extra_state")}
-                for k in sorted(want - have)[:3]:
-                    probs.append(f"{rp.dirname} {mk}: missing {k}")
-                for k in sorted(have - want)[:3]:
-                    probs.append(f"{rp.dirname} {mk}: unexpected {k}")
+                sd = obj.get(mk)
+                if not isinstance(sd, dict):
+                    yield f"no {mk!r} state dict (keys: {sorted(map(str, obj))[:6]})", path
+                    continue
+                want = {t.key: t for t in rp.tensors if t.chunk == c}
+                have = {k for k in sd if not (isinstance(k, str) and k.endswith("_extra_state"))}
+                for k in sorted(set(want) - have)[:3]:
+                    yield f"{mk}: missing {k} (config: {self.config_source})", path
+                for k in sorted(map(str, have - set(want)))[:3]:
+                    yield f"{mk}: unexpected {k[:80]} (config: {self.config_source})", path
+                for k in sorted(set(want) & have):
+                    v, t = sd[k], want[k]
+                    if not isinstance(v, torch.Tensor):
+                        yield f"{mk}: {k} is a {type(v).__name__}, not a tensor", path
+                    elif tuple(v.shape) != tuple(t.shape) or not v.is_floating_point():
+                        # any float dtype: Megatron itself may save norms and routers in bf16
+                        yield (f"{mk}: {k} is {str(v.dtype).replace('torch.', '')}{list(v.shape)}, expected a "
+                               f"float tensor of shape {list(t.shape)} (config: {self.config_source})"), path
+
+    def problems(self) -> list[str]:
+        probs = []
+        for problem, where in self._rank_problems():
+            probs.append(f"{where.parent.name} {problem}")
             if len(probs) > 10:
                 break
         return probs
@@ -339,6 +385,16 @@ def _transformer_impl(head: dict, args: argparse.Namespace) -> str:
     return impl if impl in ("local", "transformer_engine") else "local"
 
 
+def _size_arg(args, name: str, default, where) -> int | None:
+    """A parallel size from args: a positive integer (or absent)."""
+    v = getattr(args, name, None)
+    if v is None or v == 0 and default is not None:
+        return default
+    if type(v) is not int or not 1 <= v <= 1 << 16:
+        raise CheckpointFormatError(f"args {name} = {str(v)[:20]} is not a positive integer", path=where)
+    return v
+
+
 def _config_from_args(a: argparse.Namespace, where) -> GrokConfig:
     """A GrokConfig from Megatron args alone (a checkpoint written by something other than grokconv)."""
     base = load_preset("grok-1")
@@ -357,16 +413,17 @@ def _config_from_args(a: argparse.Namespace, where) -> GrokConfig:
                      ("layernorm_epsilon", "rms_norm_eps")):
         v = getattr(a, src, None)
         if v is not None:
-            fields[dst] = float(v)
-    cfg = base.replace(**fields)
-    F = int(getattr(a, "moe_ffn_hidden_size", None) or a.ffn_hidden_size)
+            fields[dst] = v
+    d = {**{k: v for k, v in base.to_dict().items() if k != "ffn_size"}, **fields}
+    cfg = GrokConfig.from_dict(d, path=where)
+    F = getattr(a, "moe_ffn_hidden_size", None) or getattr(a, "ffn_hidden_size", None)
+    if type(F) is not int or not 0 < F <= 1 << 20:
+        raise CheckpointFormatError(f"args ffn_hidden_size {str(F)[:20]} is not a size", path=where)
     if F != cfg.ffn_size:
-        wf = F * 3 / (2 * cfg.emb_size)
-        cfg = cfg.replace(widening_factor=wf)
-        if ffn_size(cfg.emb_size, wf) != F:
+        cfg = GrokConfig.from_dict({**d, "widening_factor": F * 3 / (2 * cfg.emb_size)}, path=where)
+        if cfg.ffn_size != F:
             raise CheckpointFormatError(f"ffn_hidden_size {F} cannot be derived as Grok-1 derives it", path=where)
-    return cfg.validate()
-
+    return cfg
 
 register_format("megatron", _detect,
                 lambda p, layers=None, strict=True: MegatronCheckpoint(p, layers=layers, strict=strict))

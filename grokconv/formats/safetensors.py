@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import CONFIG_FILE, GrokConfig, ffn_size, load_preset
-from ..errors import CheckpointFormatError, MissingTensorError
+from ..config import CONFIG_FILE, GrokConfig, load_preset
+from ..errors import CheckpointFormatError, LayoutError, MissingTensorError, ShapeMismatchError
 from ..mapping import Layout, detect_layout
 from ..tensor import QInt8, dequantize, from_torch, to_torch
 from .base import CheckpointReader, StoredTensor, register_format
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import SafetensorsFile, _clip
 
 __all__ = ["SafetensorsCheckpoint"]
 
@@ -45,60 +45,139 @@ class SafetensorsCheckpoint(CheckpointReader):
     def __init__(self, path, *, layers=None, strict: bool = True):
         path = Path(path)
         root = path.parent if path.is_file() else path
-        if (root / INDEX).exists():
-            try:
-                weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointFormatError(f"bad index: {e}", path=root / INDEX) from None
+        self._problems: list[str] = []
+        index = root / INDEX
+        if index.exists():
+            weight_map = _read_index(index)
             files = sorted(set(weight_map.values()))
         else:
+            weight_map = None
             files = [path.name] if path.is_file() else sorted(p.name for p in root.glob("*.safetensors"))
         if not files:
             raise MissingTensorError("no *.safetensors files", path=root)
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         for fn in files:
-            if not (root / fn).exists():
-                raise MissingTensorError(f"shard {fn} named by the index is missing", path=root)
+            if not (root / fn).is_file():
+                raise MissingTensorError(f"shard {fn} named by the index is missing", path=index)
             sf = SafetensorsFile(root / fn)
             self.files[fn] = sf
             for n in sf.tensors:
+                if n in self.where:
+                    raise CheckpointFormatError(f"tensor {_clip(n)} is also in {self.where[n]}", path=root / fn)
                 self.where[n] = fn
-        self.hf_config = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else {}
+        if weight_map is not None:
+            _check_index(index, weight_map, self.where, root)
+        self.hf_config = _read_json_object(root / "config.json") if (root / "config.json").exists() else {}
         self.qconfig = self.hf_config.get("quantization_config") or {}
+        if not isinstance(self.qconfig, dict):
+            raise CheckpointFormatError("quantization_config is not a JSON object", path=root / "config.json")
+        block = self.qconfig.get("weight_block_size") or _ct_block(self.qconfig) or [128, 128]
+        if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
+            raise CheckpointFormatError(f"fp8 block size {str(block)[:40]} is not two positive integers",
+                                        path=root / "config.json")
+        self.block = tuple(block)
         modules = sorted({_module_name(n)[0] for n in self.where})
-        self.layout: Layout = detect_layout(modules)
+        self.layout: Layout = self._detect_layout(modules, root)
         self._canon: dict[tuple[str, int | None], str] = {}
         for m in modules:
             parsed = self.layout.parse(m)
             if parsed and not parsed[0].copy:   # a copy (SGLang's lm_head) is written, never read back
                 self._canon[(parsed[1], parsed[2])] = m
-        cfg = GrokConfig.load(root / CONFIG_FILE) if (root / CONFIG_FILE).exists() else self._config_from_hf()
+        if (root / CONFIG_FILE).exists():
+            cfg, self.config_source = GrokConfig.load(root / CONFIG_FILE), str(root / CONFIG_FILE)
+        else:
+            cfg, self.config_source = self._config_from_hf(root), str(root / "config.json")
         present = sorted({int(c.split("/")[1].rsplit("_", 1)[1]) for c, _ in self._canon
                           if c.startswith("transformer/")})
-        super().__init__(root, cfg, present)
+        super().__init__(root, cfg, [x for x in present if x < cfg.num_layers])
+        for x in present:
+            if x >= cfg.num_layers:
+                m = next(m for (c, _), m in self._canon.items() if c.startswith(f"transformer/decoder_layer_{x}/"))
+                raise ShapeMismatchError(f"tensor {_clip(m)} is of layer {x}, but the config has {cfg.num_layers} "
+                                         f"layers (config: {self.config_source})", path=root / self._shard_of(m))
         if layers is not None and strict:
             missing = sorted(set(layers) - set(present))
             if missing:
                 raise MissingTensorError(f"layers {missing} are not in this checkpoint", path=root)
+        for problem, where in self._check_tensors():
+            if strict:
+                raise ShapeMismatchError(problem, path=where)
+            self._problems.append(f"{where}: {problem}")
+        if strict:
+            for problem, where in self._name_problems():
+                raise MissingTensorError(problem, path=where)
 
-    def _config_from_hf(self) -> GrokConfig:
+    def _shard_of(self, module: str) -> str:
+        """The shard holding a module (``X.weight``) in any of its encodings."""
+        base = module[: -len("weight")] if module.endswith(".weight") else None
+        for n in [module] + ([base + suf for suf in _SUFFIXES] if base else []):
+            if n in self.where:
+                return self.where[n]
+        return next(iter(self.files))
+
+    def _detect_layout(self, modules, root: Path) -> Layout:
+        try:
+            return detect_layout(modules)
+        except LayoutError:
+            from ..mapping import layout_names, load_layout
+            best = max((load_layout(n) for n in layout_names()),
+                       key=lambda lay: sum(lay.parse(m) is not None for m in modules))
+            odd = next((m for m in modules if best.parse(m) is None), modules[0])
+            raise CheckpointFormatError(f"tensor {_clip(odd)} is not a name of any layout in mappings/ "
+                                        f"(closest: {best.name})", path=root / self._shard_of(odd)) from None
+
+    def _check_tensors(self):
+        """(problem, file) for every stored tensor whose name, shape or dtype does not fit the config.
+
+        Headers only, plus the two integers of each ``weight_shape``: a damaged shard is refused
+        before a conversion writes anything."""
+        block = self.block
+        planned = self.layout.plan(self.config, self.layers)
+        for t in planned:
+            base = t.name[: -len("weight")] if t.name.endswith(".weight") else None
+            names = {"": t.name} if t.name in self.where else {}
+            if base:
+                names.update({suf: base + suf for suf in _SUFFIXES if base + suf in self.where})
+            if not names:
+                continue                                # reported by _name_problems
+            for suf, n in names.items():
+                info = self.files[self.where[n]].tensors[n]
+                where = self.path / self.where[n]
+                shapes, dtypes = _expected(suf, t, names, block)
+                if info.dtype not in dtypes:
+                    yield f"tensor {_clip(n)}: dtype {info.dtype}, expected {' or '.join(dtypes)}", where
+                elif shapes is not None and tuple(info.shape) not in shapes:
+                    yield (f"tensor {_clip(n)}: shape {list(info.shape)}, the config expects "
+                           f"{' or '.join(str(list(x)) for x in sorted(shapes)[:4])} (config: {self.config_source})"), where
+                elif suf == "weight_shape":
+                    got = [int(x) for x in self.files[self.where[n]].array(n)]
+                    if got != list(t.shape):
+                        yield (f"tensor {_clip(n)}: holds {got}, the config expects {list(t.shape)} "
+                               f"(config: {self.config_source})"), where
+
+    def _config_from_hf(self, root: Path) -> GrokConfig:
         """A GrokConfig from config.json, through the layout's own config template (run backwards)."""
-        base = load_preset("grok-1")
-        vals = {}
+        where = root / "config.json"
+        d = load_preset("grok-1").to_dict()
+        d.pop("ffn_size")
+        ffn = None
         for key, tmpl in self.layout.config_template.items():
-            if isinstance(tmpl, str) and tmpl.startswith("{") and key in self.hf_config:
-                vals[tmpl[1:-1]] = self.hf_config[key]
-        ffn = vals.pop("ffn_size", None)
-        fields = {k: v for k, v in vals.items() if k in base.to_dict() and k != "ffn_size"}
-        cfg = base.replace(**fields)
+            if isinstance(tmpl, str) and tmpl.startswith("{") and tmpl.endswith("}") and key in self.hf_config:
+                field = tmpl[1:-1]
+                if field == "ffn_size":
+                    ffn = self.hf_config[key]
+                elif field in d:
+                    d[field] = self.hf_config[key]
+        cfg = GrokConfig.from_dict(d, path=where)
         if ffn is not None and ffn != cfg.ffn_size:
-            wf = ffn * 3 / (2 * cfg.emb_size)
-            cfg = cfg.replace(widening_factor=wf)
-            if ffn_size(cfg.emb_size, wf) != ffn:
+            if type(ffn) is not int or not 0 < ffn <= 1 << 20:
+                raise CheckpointFormatError(f"intermediate_size {str(ffn)[:20]} is not a size", path=where)
+            cfg = GrokConfig.from_dict({**d, "widening_factor": ffn * 3 / (2 * cfg.emb_size)}, path=where)
+            if cfg.ffn_size != ffn:
                 raise CheckpointFormatError(f"intermediate_size {ffn} cannot be derived as Grok-1 derives it",
-                                            path=self.path / "config.json")
-        return cfg.validate()
+                                            path=where)
+        return cfg
 
     # -- raw access ----------------------------------------------------------------------------
     def _array(self, name: str) -> np.ndarray:
@@ -161,7 +240,7 @@ class SafetensorsCheckpoint(CheckpointReader):
         q = to_torch(self._array(base + "weight"))
         scheme, scale_name = self._fp8_scheme(base)
         s = self._array(base + scale_name)
-        block = tuple(self.qconfig.get("weight_block_size") or _ct_block(self.qconfig) or (128, 128))
+        block = self.block
         s_t = to_torch(s).float()
         return from_torch(dequantize_fp8(q, s_t.reshape(1) if scheme == "tensor" else s_t, scheme, block))
 
@@ -204,24 +283,94 @@ class SafetensorsCheckpoint(CheckpointReader):
             out.append(StoredTensor(n, t.shape, t.dtype, t.nbytes, str(self.path / self.where[n]), quant))
         return out
 
-    def problems(self) -> list[str]:
-        probs = []
+    def _name_problems(self):
+        """(problem, file) for tensors the layout and config expect but are absent, and the reverse."""
         expected = {t.module + ".weight" if t.name.endswith(".weight") else t.name
                     for t in self.layout.plan(self.config, self.layers)}
         have = {_module_name(n)[0] for n in self.where}
-        for n in sorted(expected - have)[:5]:
-            probs.append(f"missing tensor {n}")
         for n in sorted(have - expected)[:5]:
-            probs.append(f"unexpected tensor {n}")
-        return probs
+            yield f"unexpected tensor {n} (config: {self.config_source})", self.path / self._shard_of(n)
+        for n in sorted(expected - have)[:5]:
+            yield f"missing tensor {n} (config: {self.config_source})", self.path
+
+    def problems(self) -> list[str]:
+        return [p for p, _ in self._name_problems()] + list(self._problems)
 
 
 def _ct_block(qc: dict):
-    for g in (qc.get("config_groups") or {}).values():
-        b = (g.get("weights") or {}).get("block_structure")
+    groups = qc.get("config_groups")
+    for g in (groups.values() if isinstance(groups, dict) else ()):
+        w = g.get("weights") if isinstance(g, dict) else None
+        b = w.get("block_structure") if isinstance(w, dict) else None
         if b:
             return b
     return None
+
+
+_FLOATS = ("F32", "BF16", "F16", "F64")
+_FP8 = ("F8_E4M3", "F8_E5M2")
+
+
+def _expected(suf: str, t, names: dict, block) -> tuple[set | None, tuple]:
+    """(allowed shapes, or None for any; allowed dtypes) of one stored tensor of target ``t``."""
+    if suf == "":
+        if "weight_packed" in names:
+            return None, ()                             # packed: no plain weight beside it
+        fp8 = "weight_scale" in names or "weight_scale_inv" in names
+        return {tuple(t.shape)}, (_FP8 + _FLOATS if fp8 else _FLOATS)
+    out, inn = t.shape if len(t.shape) == 2 else (t.shape[0], 1)
+    if suf == "weight_packed":
+        return {(out, inn // 4)}, ("I32",)
+    if suf == "weight_shape":
+        return {(2,)}, ("I32", "I64")
+    if suf == "input_scale":
+        return None, _FLOATS
+    if suf == "weight_scale" and "weight_packed" in names:   # int8: one scale per group of a row
+        return {(out, inn // g) for g in range(1, inn + 1) if inn % g == 0}, _FLOATS
+    blocks = (-(-out // block[0]), -(-inn // block[1]))
+    return {(), (1,), (1, 1), (out, 1), blocks}, _FLOATS
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointFormatError(f"not valid JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                                    path=path) from None
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError("not a JSON object", path=path)
+    return obj
+
+
+def _read_index(path: Path) -> dict:
+    """``weight_map`` of an index: tensor name -> a shard file name beside the index (nothing else)."""
+    obj = _read_json_object(path)
+    wm = obj.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointFormatError("no weight_map object", path=path)
+    for name, shard in wm.items():
+        if not (isinstance(shard, str) and shard.endswith(".safetensors") and "/" not in shard
+                and "\\" not in shard and not shard.startswith(".")):
+            raise CheckpointFormatError(f"weight_map[{_clip(name)}] = {str(shard)[:60]!r} is not a shard file "
+                                        "name beside the index", path=path)
+    meta = obj.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise CheckpointFormatError("metadata is not a JSON object", path=path)
+    return wm
+
+
+def _check_index(path: Path, weight_map: dict, where: dict, root: Path) -> None:
+    """The index and the shard headers must agree tensor for tensor (the message names both files)."""
+    for name, shard in weight_map.items():
+        got = where.get(name)
+        if got != shard:
+            raise CheckpointFormatError(f"does not hold {_clip(name)}, which {path.name} lists in it" +
+                                        (f" (it is in {got})" if got else ""), path=root / shard)
+    extra = sorted(set(where) - set(weight_map))
+    if extra:
+        raise CheckpointFormatError(f"holds {_clip(extra[0])}, which {path.name} does not list"
+                                    + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""),
+                                    path=root / where[extra[0]])
 
 
 register_format("safetensors", _detect,

@@ -56,34 +56,54 @@ def read_header(path) -> tuple[dict[str, TensorInfo], dict, int]:
         if n > MAX_HEADER or 8 + n > size:
             raise TruncatedFileError(f"header length {n} does not fit the file ({size} bytes)", path=path)
         raw = f.read(n)
+        if len(raw) != n:
+            raise TruncatedFileError(f"short read of the {n}-byte header", path=path)
     try:
         obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"header is not valid JSON: {e}", path=path) from None
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError; absurd nesting
+        msg = str(e).splitlines()[0] if isinstance(e, ValueError) else "nested too deeply"
+        raise CheckpointFormatError(f"header is not valid JSON: {msg}", path=path) from None
     if not isinstance(obj, dict):
         raise CheckpointFormatError("header is not a JSON object", path=path)
-    meta = obj.pop("__metadata__", {}) or {}
+    meta = obj.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointFormatError("__metadata__ must map strings to strings", path=path)
     tensors = {}
     for name, t in obj.items():
-        try:
-            dtype, shape, (b, e) = t["dtype"], tuple(int(d) for d in t["shape"]), t["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointFormatError(f"tensor {name!r}: malformed header entry", path=path) from None
-        if dtype not in DTYPES:
-            raise CheckpointFormatError(f"tensor {name!r}: unsupported dtype {dtype}", path=path)
+        if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointFormatError(f"tensor {_clip(name)}: a header entry needs exactly dtype, shape and "
+                                        "data_offsets", path=path)
+        dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointFormatError(f"tensor {_clip(name)}: unsupported dtype {str(dtype)[:20]!r}", path=path)
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointFormatError(f"tensor {_clip(name)}: shape {str(shape)[:40]} is not a list of sizes", path=path)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointFormatError(f"tensor {_clip(name)}: data_offsets {str(offsets)[:40]} are not [begin, end]",
+                                        path=path)
+        shape, (b, e) = tuple(shape), offsets
         if e - b != math.prod(shape) * DTYPES[dtype].itemsize:
-            raise CheckpointFormatError(f"tensor {name!r}: {e - b} bytes for shape {list(shape)} of {dtype}", path=path)
+            raise CheckpointFormatError(f"tensor {_clip(name)}: {e - b} bytes for shape {list(shape)} of {dtype}", path=path)
         tensors[name] = TensorInfo(name, dtype, shape, b, e)
     pos = 0
     for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
         if t.begin != pos:
-            raise CheckpointFormatError(f"tensor {t.name!r}: data starts at {t.begin}, expected {pos} "
+            raise CheckpointFormatError(f"tensor {_clip(t.name)}: data starts at {t.begin}, expected {pos} "
                                         "(holes or overlaps)", path=path)
         pos = t.end
     if 8 + n + pos != size:
         cls = TruncatedFileError if 8 + n + pos > size else CheckpointFormatError
         raise cls(f"data buffer should end at byte {8 + n + pos}, file has {size} bytes", path=path)
     return tensors, meta, 8 + n
+
+
+def _clip(name: str) -> str:
+    """A tensor name from a file, quoted and cut short for a message."""
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def madvise_dontneed(mm, start: int, length: int) -> None:
