@@ -42,7 +42,7 @@ train-tiny: setup
 	$(BIN)/python tools/train_tiny.py --out build/tiny-trained --check
 
 check-original: setup
-	@test -f $(GROK1)/model.py || { echo "GROK1 must be a copy of github.com/xai-org/grok-1 (model.py, checkpoint.py, runners.py)"; exit 2; }
+	@test -f $(GROK1)/model.py || { echo "GROK1 must be a copy of github.com/xai-org/grok-1 (model.py, checkpoint.py, runners.py), e.g. git clone https://github.com/xai-org/grok-1 $(GROK1)"; exit 2; }
 	test -x $(ORIG_VENV)/bin/python || { $(PY) -m venv $(ORIG_VENV) && $(ORIG_VENV)/bin/pip install -q jax==0.4.25 \
 		jaxlib==0.4.25 dm-haiku==0.0.12 numpy==1.26.4 sentencepiece==0.2.0 ml_dtypes==0.4.0; }
 	rm -rf build/check-original

@@ -16,7 +16,7 @@ def command(out, preset, config_path, num_layers, seed):
     `tiny` is small enough for CI and within the original loader's limits; `full-width` has the real
     tensor shapes (2 layers unless --layers). Same seed, same bytes. `tiny-trained` is a small model
     trained on English (Python's pydoc topics) with its tokenizer.model, copied from the package and
-    sha256-verified (it takes no --config, --layers or --seed).
+    sha256-verified (--config and --layers are refused; --seed does not apply).
     """
     if preset in TRAINED_PRESETS:
         if config_path or num_layers:
