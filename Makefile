@@ -1,5 +1,7 @@
-# grokconv: the two README commands are `make demo` (set up, run the main job on a synthetic model)
+# grokconv: the two README commands are `make demo` (set up, run the main job on the small trained model)
 # and `make test` (set up, run the test suite). `make bench` measures throughput and memory.
+# `make train-tiny` re-trains the tiny-trained preset and compares it with the committed one;
+# `make check-original GROK1=path/to/grok-1` runs xai-org/grok-1's own code on it (own venv, jax 0.4.25).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,8 +12,11 @@ BENCH_ARGS ?=            # e.g. BENCH_ARGS='--device cuda --layers 4'
 PIP_FIND := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 DEV_ARGS ?=              # e.g. DEV_ARGS='path/to/ckpt --layers 0-1' (default: the tiny synthetic model)
+GROK1 ?= build/grok-1
+ORIG_VENV ?= .venv-orig
+DEMO_TEXT ?= When a class defines a method with two leading underscores, the name is changed so that a subclass cannot override it by accident.
 
-.PHONY: setup demo test bench clean deviations wheel-check fuzz
+.PHONY: setup demo test bench clean train-tiny check-original deviations wheel-check fuzz
 
 setup: $(VENV)/.installed
 
@@ -23,10 +28,10 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 
 demo: setup
 	rm -rf $(DEMO)
-	$(BIN)/grokconv synth $(DEMO)/tiny --preset tiny
-	$(BIN)/grokconv inspect $(DEMO)/tiny
-	$(BIN)/grokconv to-safetensors $(DEMO)/tiny $(DEMO)/tiny-fp8 --quantize fp8 --no-progress
-	$(BIN)/grokconv parity $(DEMO)/tiny $(DEMO)/tiny-fp8 --layers all --batch 2 --seq-len 16 --no-progress
+	$(BIN)/grokconv synth $(DEMO)/trained --preset tiny-trained
+	$(BIN)/grokconv inspect $(DEMO)/trained
+	$(BIN)/grokconv to-safetensors $(DEMO)/trained $(DEMO)/trained-fp8 --quantize fp8 --no-progress
+	$(BIN)/grokconv parity $(DEMO)/trained $(DEMO)/trained-fp8 --layers all --text "$(DEMO_TEXT)" --no-progress
 
 test: setup
 	$(BIN)/python -m pytest
@@ -47,6 +52,19 @@ wheel-check: setup
 FUZZ_CASES ?= 5000
 fuzz: setup
 	FUZZ_CASES=$(FUZZ_CASES) $(BIN)/python tests/fuzz_harness.py --dir build/fuzz --failures build/fuzz/failures.json
+
+train-tiny: setup
+	$(BIN)/python tools/train_tiny.py --out build/tiny-trained --check
+
+check-original: setup
+	@test -f $(GROK1)/model.py || { echo "GROK1 must be a copy of github.com/xai-org/grok-1 (model.py, checkpoint.py, runners.py), e.g. git clone https://github.com/xai-org/grok-1 $(GROK1)"; exit 2; }
+	test -x $(ORIG_VENV)/bin/python || { $(PY) -m venv $(ORIG_VENV) && $(ORIG_VENV)/bin/pip install -q jax==0.4.25 \
+		jaxlib==0.4.25 dm-haiku==0.0.12 numpy==1.26.4 sentencepiece==0.2.0 ml_dtypes==0.4.0; }
+	rm -rf build/check-original
+	$(BIN)/grokconv synth build/check-original/ckpt --preset tiny-trained
+	$(ORIG_VENV)/bin/python tools/check_original.py --grok1 $(GROK1) --ckpt build/check-original/ckpt \
+		--save-logits build/check-original/original-logits.npz --json build/check-original/report.json
+	$(BIN)/python tools/check_original.py --ckpt build/check-original/ckpt --compare build/check-original/original-logits.npz
 
 clean:
 	rm -rf build $(VENV)

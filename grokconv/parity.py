@@ -196,6 +196,8 @@ def resolve_thresholds(expect, reader_a=None, reader_b=None, layer: int | None =
         if reader_a is None or reader_b is None:
             raise ValueError("expect='auto' needs both readers")
         kind = infer_kind(reader_a, reader_b, layer, dtype)
+        if dtype == "fp32" and f"{kind}-fp32" in THRESHOLDS:   # a lossy kind's tighter float32 row
+            kind = f"{kind}-fp32"
     if kind not in THRESHOLDS:
         raise ValueError(f"unknown parity kind {expect!r}; choose one of auto, {', '.join(KINDS)}")
     return kind, THRESHOLDS[kind].replace(**overrides)

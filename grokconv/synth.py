@@ -4,20 +4,32 @@ Values have realistic ranges: int8 weights filling [-127, 127] per column (as an
 leaves them) with bf16 scales per column and, for the row-parallel weights, per block of input rows;
 float32 embeddings, norms (around 1) and routers. Every file is drawn from its own seeded stream,
 so the same seed gives the same bytes, in any order and on any machine.
+
+Trained presets (``tiny-trained``) are not drawn but copied: a checkpoint trained by
+``tools/train_tiny.py`` ships inside the package as ``presets/NAME.tar.xz`` with a manifest
+``presets/NAME.json`` (the archive's sha256 and every file's); :func:`write_trained` verifies both.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from .config import CONFIG_FILE, GrokConfig
+from .errors import CheckpointFormatError
+from .formats.atomic import atomic_write
 from .formats.jax import CKPT_DIR, write_param_file
 from .schema import ParamSpec, param_specs
 from .tensor import BF16
 
-__all__ = ["synthesize", "synth_value"]
+__all__ = ["synthesize", "synth_value", "write_trained", "trained_manifest", "TRAINED_PRESETS", "PRESET_DATA"]
+
+PRESET_DATA = Path(__file__).parent / "presets"
+TRAINED_PRESETS = ("tiny-trained",)
 
 # Weight gain (std of the dequantized weight times sqrt(fan-in)). Query and key are large so that
 # attention logits reach the 30*tanh(x/30) cap in small models; experts and projections are ~1.
@@ -91,4 +103,41 @@ def synthesize(out: Path, cfg: GrokConfig, *, seed: int = 0, layers=None, progre
         write_param_file(d / spec.file, spec, value)
         if progress:
             progress(spec)
+    return out
+
+
+def trained_manifest(name: str = "tiny-trained") -> dict:
+    """The manifest of a trained preset: archive name and sha256, every file's sha256, training figures."""
+    path = PRESET_DATA / f"{name}.json"
+    if name not in TRAINED_PRESETS or not path.is_file():
+        raise CheckpointFormatError(f"no trained preset {name!r} (have {', '.join(TRAINED_PRESETS)})", path=path)
+    return json.loads(path.read_text())
+
+
+def write_trained(out: Path, name: str = "tiny-trained") -> Path:
+    """Write the trained preset ``name`` to ``out`` (``ckpt-0/*``, ``grokconv-config.json``,
+    ``tokenizer.model``) after checking the packaged archive's sha256 and then each file's."""
+    out = Path(out)
+    manifest = trained_manifest(name)
+    archive = PRESET_DATA / manifest["archive"]
+    data = archive.read_bytes() if archive.is_file() else b""
+    got = hashlib.sha256(data).hexdigest()
+    if got != manifest["archive_sha256"]:
+        raise CheckpointFormatError(f"sha256 {got} is not the manifest's {manifest['archive_sha256']} "
+                                    "(a damaged or partial install)", path=archive)
+    files = manifest["files"]
+    (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    seen = set()
+    with tarfile.open(archive, mode="r:xz") as tar:
+        for member in tar:
+            if not member.isfile() or member.name not in files:
+                raise CheckpointFormatError(f"unexpected archive member {member.name!r}", path=archive)
+            payload = tar.extractfile(member).read()
+            if hashlib.sha256(payload).hexdigest() != files[member.name]:
+                raise CheckpointFormatError(f"{member.name}: sha256 differs from the manifest", path=archive)
+            with atomic_write(out / member.name) as f:
+                f.write(payload)
+            seen.add(member.name)
+    if seen != set(files):
+        raise CheckpointFormatError(f"archive lacks {sorted(set(files) - seen)[:3]}", path=archive)
     return out

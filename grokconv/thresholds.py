@@ -25,25 +25,42 @@ class Thresholds:
                 if f.name != "note" and getattr(self, f.name) is not None}
 
 
-# One row per conversion kind. The loose rows were measured on the tiny synthetic model (bf16, all 12
-# layers, 36 random batches of 1x8, 2x16 and 1x32 tokens) against simulated per-channel int8
-# re-quantization and fp8 e4m3 of its weights (tests/parity_readers.py); the worst of each is in the
-# note and the limits leave about 1.6x room. On tiny every token's own embedding dominates its logits,
-# so top-1 is always 1.0 and KL stays below 4e-9: the KL and top-1 limits are the usual acceptance
-# levels for weight-only int8 and fp8 on trained models, and on tiny the hidden-state and top-5 limits
-# do the work. Random-weight models amplify any perturbation layer after layer, so the loose rows catch
-# gross faults (scale blocks, layer order, RoPE, GQA); subtler ones are the "exact" row's job, which the
-# lossless path of every converter must pass.
+# One row per conversion kind (``-fp32``: the same kind in a ``--dtype fp32`` run, picked by ``auto``).
+# Calibrated with ``tools/calibrate_parity.py`` (bf16 unless the row says fp32, all 12 layers) on two
+# models, and each limit is the worst figure either showed times a stated margin:
+# * ``tiny-trained`` (the trained preset, 8 batches of 2 x 32 held-out tokens): real conversions (fp8
+#   per tensor / channel / 128x128 block, DeepSeek blocks, int8 re-quantization of a bf16 export, the
+#   per-channel int8 scheme) and simulated ones (tests/parity_readers.py: int8 per channel and in groups
+#   of 48, fp8 per channel and in 32 x 32 blocks). Its KL and top-1 limits come from here: KL limit =
+#   the worst correct conversion's KL times 2.5 (int8), 2.1 (fp8) or 1.7 (int8-fp32), top-1 limit = the
+#   worst top-1 minus about 0.1 (64 positions a batch: one flip is 0.016).
+# * ``tiny`` (random weights, 36 seeded batches of 1x8, 2x16 and 1x32 tokens): every token's own
+#   embedding dominates its logits, so KL stays below 4e-9 and top-1 at 1.0, but random weights amplify
+#   any perturbation layer after layer; its top-5 and hidden-state limits come from here (about 1.6x room).
+# On the trained model the correct conversions pass and the catalogued conversion bugs
+# (parity_readers.LOSSY_BUGS) fail: expert scales taken from the next expert, a row block's scale
+# shifted by one block, transposed block scales, a group size that does not divide (bf16 rows), amax
+# taken over the wrong axis (the int8-fp32 row). Round-toward-zero passes every row: the sandwich
+# post-norms normalise its systematic shrink away, and what is left costs at most 2x the correct
+# rounding's KL, inside the noise of routing changes (tests/test_trained.py asserts this too).
+# A q8_0 (GGUF) row belongs here once that path lands, calibrated the same way (tools/calibrate_parity.py).
 THRESHOLDS: dict[str, Thresholds] = {
     "exact": Thresholds(
         max_abs=0.0, max_kl=0.0, min_top1=1.0, min_top5=1.0, max_hidden_rel=0.0,
         note="lossless (original int8, its lossless re-encodings or its bf16 dequantization, in a bf16 run): "
              "the same bf16 weights in the same layout run the same kernels, so every bit agrees"),
     "int8": Thresholds(
-        max_kl=5e-3, min_top1=0.95, min_top5=0.6, max_hidden_rel=0.4,
-        note="int8 re-quantization; tiny, 12 layers: worst hidden rel L2 0.24, top-5 0.79 (0.04 and 0.95 over 2 layers)"),
+        max_kl=2e-2, min_top1=0.85, min_top5=0.6, max_hidden_rel=0.4,
+        note="int8 re-quantization, bf16. tiny-trained (held-out text): worst KL 8.0e-3, top-1 0.953, top-5 0.950, "
+             "hidden rel L2 0.064; tiny (random): worst top-5 0.79, hidden rel L2 0.24 (12 layers)"),
+    "int8-fp32": Thresholds(
+        max_kl=4e-3, min_top1=0.85, min_top5=0.6, max_hidden_rel=0.4,
+        note="int8 re-quantization, fp32 run. tiny-trained: worst KL 2.3e-3 (1.7x room: amax over the wrong axis "
+             "gives 5.1e-3 at best), top-1 0.953, top-5 0.978, hidden rel L2 0.034; top-5 and hidden limits as int8"),
     "fp8": Thresholds(
-        max_kl=2e-2, min_top1=0.9, min_top5=0.5, max_hidden_rel=0.5,
-        note="fp8 e4m3 per channel; tiny, 12 layers: worst hidden rel L2 0.31, top-5 0.68 (0.06 and 0.90 over 2 layers)"),
+        max_kl=2.5e-2, min_top1=0.75, min_top5=0.5, max_hidden_rel=0.5,
+        note="fp8 e4m3 per tensor / channel / block, bf16 (fp32 runs use it too: their figures are no larger). "
+             "tiny-trained: worst KL 1.2e-2, top-1 0.875, top-5 0.931, hidden rel L2 0.090; "
+             "tiny (random): worst top-5 0.68, hidden rel L2 0.31 (12 layers)"),
 }
 KINDS = tuple(THRESHOLDS)

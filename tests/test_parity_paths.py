@@ -1,6 +1,7 @@
-"""CI parity on every conversion path: a table of (path, expected kind); each converted tiny model is run
+"""CI parity on every conversion path: a table of (path, expected kind); each converted model is run
 through the reference forward beside the original and must pass its kind's thresholds. The kind
-inferred from the two checkpoints must be the one the table expects."""
+inferred from the two checkpoints must be the one the table expects. Every path runs on two models:
+the random `tiny` (seeded random tokens) and the trained `tiny-trained` (held-out English text)."""
 import pytest
 
 from grokconv.convert import to_safetensors
@@ -45,17 +46,24 @@ PATHS = {
 }
 
 
+MODELS = {"tiny": "tiny_ckpt", "tiny-trained": "trained_ckpt"}   # model: its fixture
+
+
 @pytest.fixture(scope="module")
 def tokens():
     return random_tokens(512, batch=2, seq_len=12, seed=3)
 
 
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("path", list(PATHS))
-def test_parity_table(path, tiny_ckpt, tmp_path, tokens):
+def test_parity_table(path, model, request, tmp_path, tokens):
     convert, kind = PATHS[path]
+    ckpt = request.getfixturevalue(MODELS[model])
+    if model == "tiny-trained":
+        tokens = request.getfixturevalue("trained_tokens")[0]
     out = tmp_path / "out"
-    convert(tiny_ckpt, out)
-    a, b = open_checkpoint(tiny_ckpt), open_checkpoint(out)
+    convert(ckpt, out)
+    a, b = open_checkpoint(ckpt), open_checkpoint(out)
     rep = run_parity(a, b, tokens, layers="all", device="cpu", dtype="bf16", thresholds="auto")
     assert rep.kind == kind, (path, rep.kind)
     rep.check()                                          # raises ParityError past the kind's thresholds

@@ -1,13 +1,13 @@
 import click
 
 from ..config import PRESETS, GrokConfig, load_preset
-from ..synth import synthesize
+from ..synth import TRAINED_PRESETS, synthesize, write_trained
 from ._output import emit, json_option
 
 
 @click.command("synth")
 @click.argument("out", type=click.Path())
-@click.option("--preset", type=click.Choice(PRESETS), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice([*PRESETS, *TRAINED_PRESETS]), default="tiny", show_default=True)
 @click.option("--config", "config_path", type=click.Path(exists=True), help="A grokconv-config.json instead of a preset.")
 @click.option("--layers", "num_layers", type=int, help="Number of layers (overrides the preset).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -17,8 +17,20 @@ def command(out, preset, config_path, num_layers, seed, no_progress, as_json):
     """Write a synthetic checkpoint in the exact format of the Grok-1 release.
 
     `tiny` is small enough for CI and within the original loader's limits; `full-width` has the real
-    tensor shapes (2 layers unless --layers). Same seed, same bytes.
+    tensor shapes (2 layers unless --layers). Same seed, same bytes. `tiny-trained` is a small model
+    trained on English (Python's pydoc topics) with its tokenizer.model, copied from the package and
+    sha256-verified (--config and --layers are refused; --seed does not apply).
     """
+    if preset in TRAINED_PRESETS:
+        if config_path or num_layers:
+            raise click.UsageError(f"--preset {preset} is a trained checkpoint: it takes no --config or --layers")
+        cfg = GrokConfig.load(write_trained(out, preset) / "grokconv-config.json")
+        emit({"command": "synth", "out": out, "preset": preset, "seed": None, "trained": True,
+              "tokenizer": "tokenizer.model", "config": cfg.to_dict()}, as_json,
+             lambda: click.echo(f"wrote {out}: {preset}, {cfg.num_layers} layers, d_model {cfg.emb_size}, vocab "
+                                f"{cfg.vocab_size}, with tokenizer.model (sha256 verified)"))
+        return
+
     import time
 
     from tqdm import tqdm

@@ -251,7 +251,10 @@ class SafetensorsCheckpoint(CheckpointReader):
         if not self._has(base + "weight_scale"):
             return "unknown", ""
         shape = self.files[self.where[base + "weight_scale"]].tensors[base + "weight_scale"].shape
-        scheme = "tensor" if math.prod(shape) == 1 else "channel" if len(shape) == 2 and shape[1] == 1 else "block"
+        rows = self.files[self.where[base + "weight"]].tensors[base + "weight"].shape[0]
+        # one scale per output row is channel; a [out blocks, 1] grid (in_features <= the block) is block
+        scheme = "tensor" if math.prod(shape) == 1 else \
+            "channel" if len(shape) == 2 and shape[1] == 1 and shape[0] == rows else "block"
         return scheme, "weight_scale"
 
     def release(self, name: str, index: int | None = None, rows=None) -> None:
