@@ -332,6 +332,8 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
     if dry_run:
         return plan
     out.parent.mkdir(parents=True, exist_ok=True)
+    for part in plan.parts:              # a killed run's partial files (only this output's names)
+        out.with_name(part.filename + TMP_SUFFIX).unlink(missing_ok=True)
     summary = GGUFSummary()
     t0 = time.perf_counter()
     from tqdm import tqdm
