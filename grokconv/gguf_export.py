@@ -32,6 +32,7 @@ from .errors import GrokconvError, LayoutError, MissingTensorError
 from .export import CHUNK_BYTES, SourceRows
 from .formats.atomic import TMP_SUFFIX, atomic_write_text
 from .formats.base import CheckpointReader, open_checkpoint
+from .formats.gguf import require_gguf
 from .mapping import MAPPINGS_DIR, Layout, Target, load_layout
 from .quant.metrics import ErrorAccumulator
 from .quant.q8_0 import QK8_0, Q8Stats, q8_0_from_int8, quantize_q8_0
@@ -151,7 +152,7 @@ def _types_for(target: Target, want: str, data: dict, notes: list) -> str:
 
 def plan_gguf(reader: CheckpointReader, type: str = "q8_0", *, out="model.gguf", tokenizer=None,
               max_shard_size=None, source_dir=None) -> GGUFPlan:
-    import gguf
+    gguf = require_gguf()
     from gguf.gguf_writer import GGUFWriter, WriterState
     if type not in GGUF_TYPES:
         raise LayoutError(f"unknown --type {type!r}; choose one of {', '.join(GGUF_TYPES)}")
@@ -266,23 +267,44 @@ def _encode(t: GGUFTensor, src: SourceRows, lossless: bool, stats: Q8Stats, acc,
     return (rows if t.qtype == "F32" else rows.to(torch.float16)).numpy()
 
 
-def _run(reader, t: GGUFTensor, expert: int | None, fd: int, on_bytes, results: dict, lock) -> int:
+def _chunk_rows(t: GGUFTensor) -> int:
+    """Rows per chunk: a float32 working set of about ``CHUNK_BYTES``, a multiple of 64."""
+    rows = t.shape[-2] if len(t.shape) > 1 else t.shape[0]
+    if len(t.shape) == 1:
+        return rows
+    step = max(1, min(rows, CHUNK_BYTES // (4 * t.shape[-1])))
+    return step // 64 * 64 if 64 < step < rows else step
+
+
+def _jobs(t: GGUFTensor) -> list[tuple]:
+    """(expert, (first row, end row)) units of work: one per expert of a stacked tensor; an untransposed
+    matrix (the embedding) in spans of JOB_CHUNKS chunks, so that the workers share it."""
+    if t.target.index is None and len(t.shape) == 3:
+        return [(e, None) for e in range(t.shape[0])]
+    if len(t.shape) == 2 and not t.target.transpose:
+        span = _chunk_rows(t) * JOB_CHUNKS
+        return [(None, (r0, min(t.shape[0], r0 + span))) for r0 in range(0, t.shape[0], span)]
+    return [(None, None)]
+
+
+JOB_CHUNKS = 8     # a multiple of MEASURE_EVERY, so the sampled chunks are the same however the work is split
+
+
+def _run(reader, t: GGUFTensor, expert: int | None, span, fd: int, on_bytes, results: dict, lock) -> int:
     tg = t.target
-    value = reader.load(tg.source, expert if expert is not None else tg.index)
-    shape2 = t.shape[-2:] if len(t.shape) > 1 else t.shape
-    rows = shape2[0]
-    row_len = shape2[-1] if len(shape2) > 1 else 1
+    index = expert if expert is not None else tg.index
+    value = reader.load(tg.source, index)
+    rows = t.shape[-2] if len(t.shape) > 1 else t.shape[0]
+    lo, hi = span or (0, rows)
     base = t.offset + (expert or 0) * (t.nbytes // (t.shape[0] if expert is not None else 1))
     row_bytes = t.row_bytes if len(t.shape) > 1 else t.nbytes
     lossless = t.qtype == "Q8_0" and _lossless_q8(value)
     stats = Q8Stats()
     acc = ErrorAccumulator(fast=True) if t.qtype == "Q8_0" and not lossless else None
-    step = rows if len(t.shape) == 1 else max(1, min(rows, CHUNK_BYTES // (4 * row_len)))
-    if step < rows and step > 64:
-        step = step // 64 * 64
+    step = _chunk_rows(t)
     release = getattr(reader, "release", None)
-    for k, r0 in enumerate(range(0, rows, step)):
-        r1 = min(rows, r0 + step)
+    for k, r0 in enumerate(range(lo, hi, step)):
+        r1 = min(hi, r0 + step)
         src = SourceRows(value, tg.transpose, r0, r1, torch.device("cpu"))
         buf = np.ascontiguousarray(_encode(t, src, lossless, stats, acc, k % MEASURE_EVERY == 0)).reshape(-1)
         data = buf.view(np.uint8)
@@ -292,9 +314,9 @@ def _run(reader, t: GGUFTensor, expert: int | None, fd: int, on_bytes, results: 
         os.pwrite(fd, data, base + (r0 * row_bytes if len(t.shape) > 1 else 0))
         on_bytes(data.nbytes)
         if release and not tg.transpose:
-            release(tg.source, expert if expert is not None else tg.index, (r0, r1))
-    if release:
-        release(tg.source, expert if expert is not None else tg.index)
+            release(tg.source, index, (r0, r1))
+    if release and span is None:
+        release(tg.source, index)
     with lock:
         res = results.setdefault(tg.name, {"type": t.qtype, "_stats": Q8Stats(), "_acc": []})
         res["_stats"].merge(stats)
@@ -302,7 +324,7 @@ def _run(reader, t: GGUFTensor, expert: int | None, fd: int, on_bytes, results: 
             res["_acc"].append(acc)
         if lossless:
             res["lossless_int8"] = True
-    return _source_bytes(value)
+    return _source_bytes(value) * (hi - lo) // rows
 
 
 @dataclass
@@ -362,10 +384,9 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
                 os.ftruncate(fd, part.size)
                 os.pwrite(fd, part.header, 0)
                 on_bytes(len(part.header))
-                jobs = [(t, e) for t in part.tensors
-                        for e in (range(t.shape[0]) if t.target.index is None and len(t.shape) == 3 else [None])]
+                jobs = [(t, e, span) for t in part.tensors for e, span in _jobs(t)]
                 with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                    futs = [pool.submit(_run, reader, t, e, fd, on_bytes, results, lock) for t, e in jobs]
+                    futs = [pool.submit(_run, reader, t, e, span, fd, on_bytes, results, lock) for t, e, span in jobs]
                     for f in futs:
                         summary.bytes_read += f.result()
                 summary.tensors += len(part.tensors)

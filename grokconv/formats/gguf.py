@@ -14,15 +14,25 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PRESETS, GrokConfig, ffn_size, load_preset
-from ..errors import CheckpointFormatError, MissingTensorError
+from ..errors import CheckpointFormatError, GrokconvError, MissingTensorError
 from ..mapping import load_layout
 from ..tensor import BF16
 from .base import CheckpointReader, StoredTensor, register_format
 from .safetensors_io import madvise_dontneed
 
-__all__ = ["GGUFCheckpoint", "gguf_parts"]
+__all__ = ["GGUFCheckpoint", "gguf_parts", "require_gguf"]
 
 _PART_RE = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+def require_gguf():
+    """llama.cpp's gguf-py, or the error that says how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise GrokconvError("GGUF needs the gguf package (llama.cpp's gguf-py), which is not installed",
+                            hint="pip install 'grokconv[gguf]'") from None
+    return gguf
 
 
 def _detect(path: Path) -> bool:
@@ -65,7 +75,7 @@ class GGUFCheckpoint(CheckpointReader):
     format = "gguf"
 
     def __init__(self, path, *, layers=None, strict: bool = True):
-        import gguf
+        gguf = require_gguf()
         self.parts = gguf_parts(Path(path))
         self.readers = []
         for p in self.parts:
