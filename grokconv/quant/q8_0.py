@@ -90,11 +90,12 @@ def q8_0_from_int8(q: torch.Tensor, scales: torch.Tensor, stats: Q8Stats | None 
     return _pack(d16, q)
 
 
-def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """Round half away from zero, as gguf-py's ``np_roundf`` (the same float32 operations)."""
-    a = x.abs()
+def _roundf_(v: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero, as gguf-py's ``np_roundf`` (``floor(a) + floor(2 (a - floor(a)))`` with
+    its sign: the same exact float32 operations), in place on a temporary where possible."""
+    a = v.abs()
     fl = torch.floor(a)
-    return torch.sign(x) * (fl + torch.floor(2 * (a - fl)))
+    return a.sub_(fl).mul_(2).floor_().add_(fl).copysign_(v)
 
 
 @torch.no_grad()
@@ -104,9 +105,10 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     if K % QK8_0:
         raise ValueError(f"row length {K} is not a multiple of {QK8_0}")
     b = x.float().reshape(R, K // QK8_0, QK8_0)
-    d = b.abs().amax(dim=2, keepdim=True) / 127
+    lo, hi = torch.aminmax(b, dim=2, keepdim=True)
+    d = torch.maximum(hi, -lo).abs_() / 127             # max |x| (+0 for a zero block), no |x| copy
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    qs = _roundf(b * inv).to(torch.int8)
+    qs = _roundf_(b * inv).to(torch.int8)
     return _pack(d.squeeze(2).to(torch.float16), qs.reshape(R, K))
 
 
