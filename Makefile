@@ -16,7 +16,7 @@ GROK1 ?= build/grok-1
 ORIG_VENV ?= .venv-orig
 DEMO_TEXT ?= When a class defines a method with two leading underscores, the name is changed so that a subclass cannot override it by accident.
 
-.PHONY: setup demo test bench clean train-tiny check-original deviations wheel-check fuzz
+.PHONY: setup demo test bench clean train-tiny check-original deviations wheel-check fuzz llama-cpp-src test-llama-cpp
 
 setup: $(VENV)/.installed
 
@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/grokconv to-safetensors $(DEMO)/trained $(DEMO)/trained-fp8 --quantize fp8 --no-progress
 	$(BIN)/grokconv parity $(DEMO)/trained $(DEMO)/trained-fp8 --layers all --text "$(DEMO_TEXT)" --no-progress
 
-test: setup
+test: setup llama-cpp-src
 	$(BIN)/python -m pytest
 
 bench: setup
@@ -68,3 +68,25 @@ check-original: setup
 
 clean:
 	rm -rf build $(VENV)
+
+# llama.cpp, for the GGUF tests: its convert_hf_to_gguf.py (+ conversion/, gguf-py/) from the llama-cpp-python
+# sdist on PyPI, cached in build/ (no compile; tests skip with a reason when this could not be fetched), and
+# libllama itself (llama-cpp-python compiles it: ~12 min on 2 cores, pip caches the built wheel).
+LLAMA_CPP_PY ?= 0.3.36
+LLAMA_SRC := build/llama-cpp
+LLAMA_CMAKE ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+llama-cpp-src: $(LLAMA_SRC)/llama.cpp/convert_hf_to_gguf.py
+
+$(LLAMA_SRC)/llama.cpp/convert_hf_to_gguf.py: | setup
+	mkdir -p $(LLAMA_SRC)
+	-$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PY) -d $(LLAMA_SRC) && \
+	 tar -xzf $(LLAMA_SRC)/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(LLAMA_SRC) --strip-components=2 \
+	  llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/gguf-py && \
+	 rm -f $(LLAMA_SRC)/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
+
+test-llama-cpp: setup
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install $(PIP_FIND) -c .ci/constraints.txt -e '.[llama-cpp]'
+	$(BIN)/python -m pytest tests/test_llama_cpp.py -v -rs

@@ -27,6 +27,30 @@ print(json.dumps({"seconds": time.perf_counter() - t, "read": s.bytes_read, "wri
                   "peak_rss": s.peak_rss, "phases": s.phases}))
 """
 
+# to-gguf cases ("gguf:f16", "gguf:q8_0"): the output is one .gguf file; the vocabulary is a small trained
+# SentencePiece model (llama.cpp's converter pads it to the model's vocab size, as to-gguf does)
+RUN_GGUF = """
+import json, sys, os, time
+from grokconv.gguf_export import to_gguf
+t = time.perf_counter()
+s = to_gguf(sys.argv[1], os.path.join(sys.argv[2], "model.gguf"), type=sys.argv[3], tokenizer=sys.argv[4],
+            workers=int(sys.argv[5]), progress=False)
+os.sync()
+print(json.dumps({"seconds": time.perf_counter() - t, "read": s.bytes_read, "written": s.bytes_written,
+                  "peak_rss": s.peak_rss, "phases": s.phases, "q8_0": s.q8_0}))
+"""
+
+
+def bench_tokenizer(root: Path) -> Path:
+    path = root / "bench-tokenizer.model"
+    if not path.exists():
+        import sentencepiece as spm
+        corpus = root / "bench-corpus.txt"
+        corpus.write_text("\n".join(f"grok {i} tensor weight scale block expert {i * 7}" for i in range(2000)))
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "bench-tokenizer"), vocab_size=300,
+                                       model_type="bpe", byte_fallback=True, minloglevel=2)
+    return path
+
 
 def gib(n):
     return n / 2 ** 30
@@ -48,7 +72,7 @@ def main():
     ap.add_argument("--dir", default="build/bench")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block")
+    ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block,gguf:f16,gguf:q8_0")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic source for the next run")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where conversions compute")
     args = ap.parse_args()
@@ -87,14 +111,25 @@ def main():
         out = root / f"out-{quant}-{scheme or 'x'}"
         shutil.rmtree(out, ignore_errors=True)
         cold = cold_cache() and cold
-        r = subprocess.run([sys.executable, "-c", RUN, str(src), str(out), quant, scheme or "channel",
-                            str(args.workers), args.device], check=True, capture_output=True, text=True)
+        if quant == "gguf":
+            tok = bench_tokenizer(root)
+            out.mkdir(parents=True)
+            r = subprocess.run([sys.executable, "-c", RUN_GGUF, str(src), str(out), scheme, str(tok), str(args.workers)],
+                               check=True, capture_output=True, text=True)
+        else:
+            r = subprocess.run([sys.executable, "-c", RUN, str(src), str(out), quant, scheme or "channel",
+                                str(args.workers), args.device], check=True, capture_output=True, text=True)
         res = json.loads(r.stdout.strip().splitlines()[-1])
         moved = res["read"] + res["written"]
         rate = moved / res["seconds"]
         rows.append((case, res["seconds"], moved, rate, res["peak_rss"], res["phases"]))
         print(f"{case}: {res['seconds']:.1f} s, {rate / 1e6:.0f} MB/s moved, "
               f"peak RSS {gib(res['peak_rss']):.2f} GiB", flush=True)
+        if res.get("q8_0"):
+            q = res["q8_0"]
+            print(f"  q8_0 from the original int8: {q['q8_0_exact_blocks']} of {q['q8_0_blocks']} blocks exact, "
+                  f"{q['q8_0_inexact_blocks']} inexact {({k: v for k, v in q.items() if k.startswith('inexact_')})}",
+                  flush=True)
         shutil.rmtree(out)
     cp_last = plain_copy()
     cp_s = min(cp_first, cp_last)

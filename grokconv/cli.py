@@ -10,7 +10,7 @@ import click
 from .errors import GrokconvError
 
 # Command modules, each exposing a click command named ``command``.
-COMMANDS = ["synth", "inspect", "convert", "parity", "download", "megatron"]
+COMMANDS = ["synth", "inspect", "convert", "parity", "download", "megatron", "gguf"]
 
 
 class _Group(click.Group):

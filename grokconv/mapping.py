@@ -1,7 +1,8 @@
 """Layouts as data: ``mappings/<layout>.json`` names each canonical parameter's target(s).
 
 An entry is ``{"from": canonical template, "to": target template, "role": ..., "transpose": bool,
-"experts": "split"}`` with ``{L}`` for the layer and ``{E}`` for the expert. The same entries run
+"experts": "split" | "stack"}`` with ``{L}`` for the layer and ``{E}`` for the expert (``stack`` keeps
+the experts as one 3-D target ``[E, ...]``, transposed per expert, as GGUF's ``ffn_*_exps``). The same entries run
 backwards: target names are parsed with the compiled templates. An entry with ``"copy": true`` writes a
 second target from a parameter another entry already maps (SGLang's untied ``lm_head.weight``, a copy
 of the embedding); readers skip it. The layout's ``config`` block is the ``config.json`` its consumer
@@ -51,6 +52,7 @@ class Entry:
     role: str
     transpose: bool
     split_experts: bool
+    stack_experts: bool = False
     copy: bool = False   # a second target of a parameter another entry maps (readers skip it)
 
     @property
@@ -90,7 +92,8 @@ class Layout:
             if e.get("role") not in ROLES:
                 raise LayoutError(f"entry {e.get('from')!r} has role {e.get('role')!r}; roles: {ROLES}", path=path)
             self.entries.append(Entry(e["from"], e["to"], e["role"], bool(e.get("transpose")),
-                                      e.get("experts") == "split", bool(e.get("copy"))))
+                                      e.get("experts") == "split", e.get("experts") == "stack",
+                                      bool(e.get("copy"))))
         self._by_source = {_compile(e.source): e for e in self.entries if not e.copy}
         self._copies = [e for e in self.entries if e.copy]
         for e in self._copies:
@@ -118,7 +121,10 @@ class Layout:
             return [Target(e.target.format(E=i, **groups), spec.name, i, e.role, e.transpose, shape)
                     for i in range(spec.shape[0])]
         if len(spec.shape) > 2:
-            raise LayoutError(f"{spec.name}: stacked tensor needs experts: split in layout {self.name!r}")
+            if e.stack_experts:
+                return [Target(e.target.format(**groups), spec.name, None, e.role, e.transpose,
+                               (*spec.shape[:-2], *shape))]
+            raise LayoutError(f"{spec.name}: stacked tensor needs experts: split or stack in layout {self.name!r}")
         return [Target(e.target.format(**groups), spec.name, None, e.role, e.transpose, shape)]
 
     def plan(self, cfg: GrokConfig, layers=None) -> list[Target]:

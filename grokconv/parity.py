@@ -163,7 +163,7 @@ def infer_kind(reader_a: CheckpointReader, reader_b: CheckpointReader, layer: in
                dtype: str = "bf16") -> str:
     """The conversion kind that relates two checkpoints.
 
-    ``fp8`` if either stores fp8 tensors; ``int8`` if either stores int8 that is not the original int8
+    ``fp8`` if either stores fp8 tensors; ``q8_0`` if either is a GGUF with q8_0 or f16 tensors; ``int8`` if either stores int8 that is not the original int8
     with its row-block scales (its reader cannot hand back a :class:`QInt8` for the row-blocked
     attention output weight of ``layer``), or, in an fp32 run, if one side has the original int8 and
     the other its bf16 dequantization (equal in a bf16 run, 1 bf16 rounding apart in fp32); else ``exact``.
@@ -171,6 +171,11 @@ def infer_kind(reader_a: CheckpointReader, reader_b: CheckpointReader, layer: in
     schemes = [{str(t.quant.get("scheme", "")).lower() for t in r.stored() if t.quant} for r in (reader_a, reader_b)]
     if any("fp8" in s for side in schemes for s in side):
         return "fp8"
+    # GGUF q8_0 (the float embedding is ordinary q8_0 even where the weights keep the original int8), and
+    # f16 (one fp16 rounding of every weight, which a bf16 run rounds again): not bit-exact
+    if any("q8_0" in s for side in schemes for s in side) or any(
+            r.format == "gguf" and any(t.dtype == "F16" for t in r.stored()) for r in (reader_a, reader_b)):
+        return "q8_0"
     probe_layer = layer if layer is not None else next(iter(reader_a.layers), None)
     if probe_layer is None:
         return "exact"
@@ -181,7 +186,9 @@ def infer_kind(reader_a: CheckpointReader, reader_b: CheckpointReader, layer: in
     if any(any("int8" in s for s in side) and not orig for side, orig in zip(schemes, original)):
         return "int8"
     if dtype == "fp32" and original[0] != original[1]:
-        return "int8"
+        other = reader_b if original[0] else reader_a
+        if not (other.format == "gguf" and all(t.dtype == "F32" for t in other.stored())):   # f32 GGUF: int8*scale
+            return "int8"
     return "exact"
 
 

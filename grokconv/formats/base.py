@@ -98,7 +98,7 @@ def _ranges(layers) -> str:
 
 
 FORMATS: dict[str, tuple] = {}   # name -> (detect(path) -> bool, open(path, **kw) -> CheckpointReader)
-FORMAT_MODULES = ("jax", "safetensors", "megatron")   # grokconv/formats/<name>.py, tried in this order
+FORMAT_MODULES = ("jax", "safetensors", "megatron", "gguf")   # grokconv/formats/<name>.py, tried in this order
 
 
 def register_format(name: str, detect, opener) -> None:
