@@ -30,7 +30,7 @@ import torch
 from .convert import Summary, _source_bytes
 from .errors import GrokconvError, LayoutError, MissingTensorError
 from .export import CHUNK_BYTES, SourceRows
-from .formats.atomic import TMP_SUFFIX, atomic_write_text
+from .formats.atomic import TMP_SUFFIX, atomic_write_text, raise_if_disk_full
 from .formats.base import CheckpointReader, open_checkpoint
 from .formats.gguf import require_gguf
 from .mapping import MAPPINGS_DIR, Layout, Target, load_layout
@@ -363,6 +363,7 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
     lock = threading.Lock()
     results: dict = {}
+    reported = False
 
     def on_bytes(n):
         with lock:
@@ -390,11 +391,20 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
                     for f in futs:
                         summary.bytes_read += f.result()
                 summary.tensors += len(part.tensors)
-            except BaseException:
                 os.close(fd)
+                if part is plan.parts[-1]:
+                    # the report goes to its final name before the last part does: output that looks
+                    # complete always has its report, and a killed run leaves neither
+                    _write_report(summary, results, type, out, summary.parts + [str(final)])
+                    reported = True
+            except BaseException as exc:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
                 tmp.unlink(missing_ok=True)
+                raise_if_disk_full(exc, final)
                 raise
-            os.close(fd)
             os.replace(tmp, final)
             summary.shards_written += 1
             summary.parts.append(str(final))
@@ -404,14 +414,20 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
         reader.close()
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss = peak_rss_bytes()
+    if not reported:
+        summary.errors, summary.q8_0 = _report(results)
+    return summary
+
+
+def _write_report(summary, results: dict, type: str, out: Path, parts: list[str]) -> None:
     summary.errors, summary.q8_0 = _report(results)
     if type == "q8_0" and results:
         report = out.with_name(out.stem + REPORT_SUFFIX)
         atomic_write_text(report, json.dumps(
             {"type": type, "reference": "float32 int8*scale (exact dequantization of the source)",
+             "parts_measured": [Path(p).name for p in parts],
              "q8_0_lossless_totals": summary.q8_0, "tensors": summary.errors}, indent=1, sort_keys=True) + "\n")
         summary.report = str(report)
-    return summary
 
 
 def _report(results: dict) -> tuple[dict, dict]:

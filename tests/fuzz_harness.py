@@ -66,6 +66,18 @@ class InputKind:
     commands: tuple
 
 
+def _build_gguf(base: Path, dst: Path) -> None:
+    """A q8_0 GGUF of the base checkpoint, its vocabulary from a SentencePiece model trained here."""
+    sys.path.insert(0, str(HERE))
+    from test_gguf import train_tokenizer
+    from grokconv.gguf_export import to_gguf
+    dst.mkdir(parents=True)
+    to_gguf(base, dst / "model.gguf", type="q8_0", tokenizer=train_tokenizer(dst), progress=False)
+    for p in dst.iterdir():
+        if p.suffix != ".gguf":
+            p.unlink()
+
+
 def _build_download(base: Path, dst: Path) -> None:
     """A grokconv download (manifest, ledger, layer 0 of the tiny preset) from the loopback hub."""
     sys.path.insert(0, str(HERE))
@@ -100,7 +112,7 @@ INPUTS = [
     InputKind("safetensors-bf16", ["to-safetensors", "{base}", "{dst}", "--max-shard-size", "2MB", "--no-progress"],
               ("*.safetensors", "model.safetensors.index.json", "config.json", "grokconv-config.json"),
               ("inspect", "to-safetensors")),
-    InputKind("safetensors-int8", ["to-safetensors", "{base}", "{dst}", "--quantize", "int8", "--layout", "keyfan",
+    InputKind("safetensors-int8", ["to-safetensors", "{base}", "{dst}", "--quantize", "int8", "--layout", "sglang",
                                    "--max-shard-size", "2MB", "--no-progress"],
               ("*.safetensors", "model.safetensors.index.json", "config.json"), ("inspect", "to-safetensors")),
     InputKind("safetensors-fp8", ["to-safetensors", "{base}", "{dst}", "--quantize", "fp8", "--fp8-scheme", "block",
@@ -109,6 +121,7 @@ INPUTS = [
     InputKind("megatron", ["to-megatron", "{base}", "{dst}", "--tp", "2", "--ep", "2", "--no-progress"],
               ("release/*/model_optim_rng.pt", "latest_checkpointed_iteration.txt", "grokconv-config.json"),
               ("inspect", "to-safetensors")),
+    InputKind("gguf", _build_gguf, ("*.gguf",), ("inspect", "to-safetensors")),
     InputKind("download", _build_download,
               ("ckpt-0/tensor*", ".grokconv/manifest.json", ".grokconv/verified.jsonl"),
               ("verify", "download-offline")),

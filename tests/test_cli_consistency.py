@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from grokconv.cli import main
 
-LONG = ["synth", "to-safetensors", "to-jax", "to-megatron", "from-megatron", "download", "verify", "parity"]
-REPORTS = ["synth", "inspect", "to-safetensors", "to-jax", "to-megatron", "from-megatron", "download", "verify"]
+LONG = ["synth", "to-safetensors", "to-gguf", "to-jax", "to-megatron", "from-megatron", "download", "verify", "parity"]
+REPORTS = ["synth", "inspect", "to-safetensors", "to-gguf", "to-jax", "to-megatron", "from-megatron", "download", "verify"]
 # parity: --json PATH writes its (large) report to a file; its options are another issue's.
 
 
@@ -34,6 +34,9 @@ def test_json_summaries_parse_and_hold_the_figures(tmp_path):
     res = run(main, ["synth", str(src), "--layers", "1", "--json", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["files"] == 14
+    from test_gguf import train_tokenizer
+    (tmp_path / "tok").mkdir()
+    tok = train_tokenizer(tmp_path / "tok")
     steps = [
         (["to-safetensors", str(src), str(tmp_path / "st"), "--quantize", "int8", "--json", "--no-progress"],
          "files_written", 1),
@@ -46,6 +49,10 @@ def test_json_summaries_parse_and_hold_the_figures(tmp_path):
         (["to-megatron", str(src), str(tmp_path / "m"), "--dry-run", "--json"], "fits", True),
         (["from-megatron", str(tmp_path / "m"), str(tmp_path / "b"), "--json", "--no-progress"], "files_written", 1),
         (["inspect", str(src), "--json"], "format", "jax"),
+        (["to-gguf", str(src), str(tmp_path / "g" / "m.gguf"), "--tokenizer", str(tok), "--json", "--no-progress"],
+         "files_written", 1),
+        (["to-gguf", str(src), str(tmp_path / "g" / "m.gguf"), "--tokenizer", str(tok), "--dry-run", "--json"],
+         "dry_run", True),
     ]
     for argv, key, value in steps:
         res = run(main, argv)

@@ -52,7 +52,8 @@ RESUMABLE = [
               "latest_checkpointed_iteration.txt"),
     Resumable("download", ("download", "--preset", "tiny", "--no-tokenizer", "--workers", "1", "--dir", "{dst}"),
               "hub", ".grokconv/manifest.json", volatile=(".grokconv/verified.jsonl",)),
-    # Resumable("to-gguf", ("to-gguf", "{src}", "{dst}/model.gguf", "--no-progress"), "jax", "model.gguf"),
+    Resumable("to-gguf", ("to-gguf", "{src}", "{dst}/model.gguf", "--workers", "1", "--no-progress"), "jax",
+              "model.gguf"),
 ]
 
 
@@ -61,8 +62,12 @@ def small_ckpt(tmp_path_factory):
     """The tiny preset cut to 4 layers and 2 experts (8 MB in bf16): every command runs in about a second."""
     from grokconv.config import load_preset
     from grokconv.synth import synthesize
-    return synthesize(tmp_path_factory.mktemp("small") / "grok",
-                      load_preset("tiny").replace(num_layers=4, num_experts=2).validate(), seed=3)
+    from test_gguf import train_tokenizer
+    out = synthesize(tmp_path_factory.mktemp("small") / "grok",
+                     load_preset("tiny").replace(num_layers=4, num_experts=2).validate(), seed=3)
+    # beside the checkpoint, as the release's tokenizer.model is: to-gguf builds its vocabulary from it
+    shutil.copy(train_tokenizer(tmp_path_factory.mktemp("tok")), out / "tokenizer.model")
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 import click
 
 from ..inspect import human
+from ._output import emit, json_option, summary_dict
 
 
 @click.command("to-gguf")
@@ -16,18 +17,30 @@ from ..inspect import human
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (every part, tensor, type, shape and offset).")
 @click.option("--no-progress", is_flag=True)
-def to_gguf_cmd(src, out, type_, tokenizer, max_shard_size, workers, dry_run, no_progress):
+@json_option
+def to_gguf_cmd(src, out, type_, tokenizer, max_shard_size, workers, dry_run, no_progress, as_json):
     """Convert SRC (any format grokconv reads) to llama.cpp's GGUF (architecture grok) at OUT.gguf."""
     from ..gguf_export import to_gguf
     res = to_gguf(src, out, type=type_, tokenizer=tokenizer, max_shard_size=max_shard_size, workers=workers,
                   dry_run=dry_run, progress=not no_progress)
     if dry_run:
+        if as_json:
+            emit({"command": "to-gguf", "dry_run": True, "type": type_, "total_bytes": res.total_size,
+                  "tokenizer": res.tokenizer,
+                  "files": [{"file": p.filename, "bytes": p.size, "header_bytes": len(p.header),
+                             "tensors": [{"name": t.target.name, "type": t.qtype, "shape": list(t.shape),
+                                          "offset": t.offset} for t in p.tensors]} for p in res.parts]}, True, None)
+            return
         for part in res.parts:
             click.echo(f"{part.filename}  {human(part.size)}  (header {len(part.header)} B)")
             for t in part.tensors:
                 click.echo(f"  {t.target.name}  {t.qtype} {list(t.shape)}  @{t.offset}" + (f"  ({t.note})" if t.note else ""))
         click.echo(f"{len(res.tensors)} tensors in {len(res.parts)} file(s), {human(res.total_size)}; "
                    f"vocabulary from {res.tokenizer}")
+        return
+    if as_json:
+        emit({**summary_dict("to-gguf", res, src=src, dst=out), "type": type_, "parts": res.parts,
+              "q8_0": res.q8_0, "report": res.report}, True, None)
         return
     click.echo(f"{res.tensors} tensors, {res.shards_written} file(s) written, {res.shards_skipped} already complete; "
                f"read {human(res.bytes_read)}, wrote {human(res.bytes_written)} in {res.seconds:.1f} s "

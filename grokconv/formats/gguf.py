@@ -9,12 +9,13 @@ float32 (so ``78.38367176906169`` comes back as itself), else to their shortest 
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..config import PRESETS, GrokConfig, ffn_size, load_preset
-from ..errors import CheckpointFormatError, GrokconvError, MissingTensorError
+from ..errors import CheckpointFormatError, GrokconvError, MissingTensorError, ShapeMismatchError
 from ..mapping import load_layout
 from ..tensor import BF16
 from .base import CheckpointReader, StoredTensor, register_format
@@ -23,6 +24,10 @@ from .safetensors_io import madvise_dontneed
 __all__ = ["GGUFCheckpoint", "gguf_parts", "require_gguf"]
 
 _PART_RE = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+# what gguf-py's GGUFReader raises on a damaged header (it parses without validating)
+_PARSE_ERRORS = (ValueError, OSError, IndexError, KeyError, OverflowError, TypeError, struct.error, MemoryError)
 
 
 def require_gguf():
@@ -79,13 +84,18 @@ class GGUFCheckpoint(CheckpointReader):
         self.parts = gguf_parts(Path(path))
         self.readers = []
         for p in self.parts:
-            try:
+            try:   # gguf-py parses the header; a damaged one surfaces as any of these
                 self.readers.append(gguf.GGUFReader(p))
-            except (ValueError, OSError) as e:
-                raise CheckpointFormatError(f"not a readable GGUF file: {e}", path=p) from None
+            except _PARSE_ERRORS as e:
+                raise CheckpointFormatError(f"not a readable GGUF file: {type(e).__name__}: {str(e)[:200]}",
+                                            path=p) from None
         self.layout = load_layout("gguf")
-        self.kv = {k: f.contents() for k, f in self.readers[0].fields.items()
-                   if not k.startswith("tokenizer.ggml.") or k.endswith("_id") or k.endswith(".model")}
+        try:
+            self.kv = {k: f.contents() for k, f in self.readers[0].fields.items()
+                       if not k.startswith("tokenizer.ggml.") or k.endswith("_id") or k.endswith(".model")}
+        except _PARSE_ERRORS as e:
+            raise CheckpointFormatError(f"unreadable GGUF metadata: {type(e).__name__}: {str(e)[:200]}",
+                                        path=self.parts[0]) from None
         arch = self.kv.get("general.architecture")
         if arch != "grok":
             raise CheckpointFormatError(f"architecture {arch!r}; grokconv reads GGUF of llama.cpp's 'grok' only",
@@ -102,13 +112,39 @@ class GGUFCheckpoint(CheckpointReader):
                 self._canon[parsed[1]] = name
             else:
                 self._unmapped.append(name)
-        cfg = self._config()
+        try:
+            cfg = self._config()
+        except (TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, CheckpointFormatError):
+                raise
+            raise CheckpointFormatError(f"GGUF metadata does not describe a Grok-1 model ({e})",
+                                        path=self.parts[0]) from None
         present = sorted({int(c.split("/")[1].rsplit("_", 1)[1]) for c in self._canon if c.startswith("transformer/")})
         super().__init__(self.parts[0], cfg, present)
+        self._check_tensors()
         if layers is not None and strict:
             missing = sorted(set(layers) - set(present))
             if missing:
                 raise MissingTensorError(f"layers {missing} are not in this checkpoint", path=self.path)
+
+    def _check_tensors(self) -> None:
+        """Every tensor the plan names for the present layers has its planned shape and a type we read."""
+        import gguf
+        allowed = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
+                   gguf.GGMLQuantizationType.Q8_0}
+        for target in self.layout.plan(self.config, self.layers):
+            found = self.tensors.get(target.name)
+            if found is None:
+                continue            # problems() lists what is missing; load() names it
+            i, t = found
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            if shape != tuple(target.shape):
+                raise ShapeMismatchError(f"tensor {target.name}: shape {list(shape)}, the config says "
+                                         f"{list(target.shape)}", path=self.parts[i],
+                                         expected=tuple(target.shape), got=shape)
+            if t.tensor_type not in allowed:
+                raise CheckpointFormatError(f"tensor {target.name}: type {t.tensor_type.name} is not one grokconv "
+                                            "reads (F32, F16, BF16, Q8_0)", path=self.parts[i])
 
     def _key(self, name: str, default=None):
         return self.kv.get(f"grok.{name}", default)
