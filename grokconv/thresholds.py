@@ -62,11 +62,13 @@ THRESHOLDS: dict[str, Thresholds] = {
         note="fp8 e4m3 per tensor / channel / block, bf16 (fp32 runs use it too: their figures are no larger). "
              "tiny-trained: worst KL 1.2e-2, top-1 0.875, top-5 0.931, hidden rel L2 0.090; "
              "tiny (random): worst top-5 0.68, hidden rel L2 0.31 (12 layers)"),
-    # Calibrated on the TINY SYNTHETIC model only (12 layers, bf16, 36 random batches of 1x8, 2x16, 1x32)
-    # with `to-gguf --type q8_0` (weights lossless, the float embedding ordinary q8_0): limits ~1.6x the worst.
+    # GGUF q8_0 (`to-gguf --type q8_0`: the linear weights are the original int8, lossless; the float
+    # embedding is ordinary q8_0, the only loss). Calibrated on both models, bf16, all 12 layers
+    # (tools/calibrate_parity.py --only gguf-q8_0 --batches 8; 36 random batches on tiny).
     "q8_0": Thresholds(
-        max_kl=5e-3, min_top1=0.95, min_top5=0.5, max_hidden_rel=0.45,
-        note="GGUF q8_0 (also f16 GGUF: one fp16 rounding, far inside); tiny synthetic, 12 layers: worst hidden "
-             "rel L2 0.29, top-5 0.72, from the embedding's q8_0 alone"),
+        max_kl=2e-2, min_top1=0.85, min_top5=0.5, max_hidden_rel=0.45,
+        note="GGUF q8_0 (also f16 GGUF: one fp16 rounding, far inside). tiny-trained (held-out text): worst KL "
+             "8.4e-3 (2.4x room), top-1 0.953, top-5 0.938, hidden rel L2 0.062; tiny (random): worst hidden "
+             "rel L2 0.29, top-5 0.72 (1.5x room), from the embedding's q8_0 alone"),
 }
 KINDS = tuple(THRESHOLDS)

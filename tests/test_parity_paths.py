@@ -15,6 +15,18 @@ def _st(**kw):
     return lambda src, dst: to_safetensors(src, dst, progress=False, **kw)
 
 
+def _gguf(type):
+    def run(src, dst):
+        from grokconv.gguf_export import to_gguf
+        tok = src / "tokenizer.model"
+        if not tok.is_file():                 # the random tiny model has none: one trained here
+            from test_gguf import train_tokenizer
+            (dst.parent / "tok").mkdir(exist_ok=True)
+            tok = train_tokenizer(dst.parent / "tok")
+        to_gguf(src, dst / "model.gguf", type=type, tokenizer=tok, progress=False)
+    return run
+
+
 def _then(first, second):
     def run(src, dst):
         mid = dst.with_name(dst.name + "-mid")
@@ -30,6 +42,8 @@ PATHS = {
     "sglang-bf16": (_st(layout="sglang"), "exact"),
     "hf-int8-lossless": (_st(layout="hf", quantize="int8"), "exact"),
     "sglang-int8-lossless": (_st(layout="sglang", quantize="int8"), "exact"),
+    "gguf-f32": (_gguf("f32"), "exact"),
+    "gguf-q8_0": (_gguf("q8_0"), "q8_0"),
     "fp8-channel": (_st(quantize="fp8", fp8_scheme="channel"), "fp8"),
     "fp8-tensor": (_st(quantize="fp8", fp8_scheme="tensor"), "fp8"),
     "fp8-block": (_st(quantize="fp8", fp8_scheme="block"), "fp8"),

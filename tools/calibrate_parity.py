@@ -47,6 +47,18 @@ def _then(first, second):
     return run
 
 
+def _gguf(type):
+    def run(src, dst):
+        from grokconv.gguf_export import to_gguf
+        tok = src / "tokenizer.model"
+        if not tok.is_file():                 # the random tiny model has none: one trained here
+            from test_gguf import train_tokenizer
+            (dst.parent / "tok").mkdir(exist_ok=True)
+            tok = train_tokenizer(dst.parent / "tok")
+        to_gguf(src, dst / "model.gguf", type=type, tokenizer=tok, progress=False)
+    return run
+
+
 CONVERSIONS = {
     "fp8-channel": _st(quantize="fp8", fp8_scheme="channel"),
     "fp8-tensor": _st(quantize="fp8", fp8_scheme="tensor"),
@@ -54,6 +66,7 @@ CONVERSIONS = {
     "fp8-block-deepseek": _st(quantize="fp8", fp8_scheme="block", fp8_format="fp8"),
     "bf16 -> int8 (re-quantized)": _then(_st(layout="hf"), _st(layout="sglang", quantize="int8")),
     "int8-channel scheme": _st(quantize="int8", int8_scheme="channel"),
+    "gguf-q8_0": _gguf("q8_0"),
 }
 
 
