@@ -93,3 +93,20 @@ def test_pad_tokens_are_not_masked_by_llama_cpp(model, tokens):
     before, after = _rel(got[:, :4], ref[:, :4]), _rel(got[:, 5:], ref[:, 5:])
     print(f"\npad at position 4: rel L2 before it {before:.3g}, after it {after:.3g}")
     assert before < LIMITS["f32"] and after > 10 * before
+
+
+def test_heads_that_do_not_fill_d_model_are_refused_with_the_reason(trained_ckpt, tmp_path):
+    """llama.cpp's grok graph takes head size = n_embd / n_head (true of Grok-1, not of tiny-trained: 16
+    heads of 16 in d_model 64). Without the check libllama says only "Failed to load model"; llama.cpp
+    itself refuses the file, as its own log says (check_tensor_dims on blk.0.attn_q)."""
+    import llama_cpp
+
+    from grokconv.engines import engine_logits
+    from grokconv.errors import GrokconvError
+    from grokconv.gguf_export import to_gguf
+    out = tmp_path / "t.gguf"
+    to_gguf(trained_ckpt, out, type="f32", progress=False)
+    with pytest.raises(ValueError, match="Failed to load model"):
+        llama_cpp.Llama(model_path=str(out), verbose=False)
+    with pytest.raises(GrokconvError, match=r"16 heads of 16 and d_model 64 \(256 != 64"):
+        engine_logits("llama.cpp", out, np.array([[1, 2, 3]]))

@@ -20,7 +20,14 @@ from ._output import emit, json_option, summary_dict
 @json_option
 def to_gguf_cmd(src, out, type_, tokenizer, max_shard_size, workers, dry_run, no_progress, as_json):
     """Convert SRC (any format grokconv reads) to llama.cpp's GGUF (architecture grok) at OUT.gguf."""
+    from ..formats.base import open_checkpoint
     from ..gguf_export import to_gguf
+    with open_checkpoint(src, strict=False) as r:
+        cfg = r.config
+    if cfg.num_q_heads * cfg.key_size != cfg.emb_size:
+        click.echo(f"warning: llama.cpp's grok graph assumes head size = embedding_length / head_count; this model "
+                   f"has {cfg.num_q_heads} heads of {cfg.key_size} in d_model {cfg.emb_size}, so llama.cpp will "
+                   "refuse the file (grokconv reads it; Grok-1 itself has 48 x 128 = 6144)", err=True)
     res = to_gguf(src, out, type=type_, tokenizer=tokenizer, max_shard_size=max_shard_size, workers=workers,
                   dry_run=dry_run, progress=not no_progress)
     if dry_run:

@@ -28,9 +28,25 @@ def load(path, n_ctx: int):
     key = (str(first.resolve()), first.stat().st_mtime_ns, n_ctx)
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = llama_cpp.Llama(model_path=str(first), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                      logits_all=True, verbose=False, n_threads=os.cpu_count() or 1,
-                                      n_threads_batch=os.cpu_count() or 1, flash_attn=False)
+        from ..errors import GrokconvError
+        from ..formats.base import open_checkpoint
+        with open_checkpoint(first) as r:
+            cfg = r.config
+        if cfg.num_q_heads * cfg.key_size != cfg.emb_size:
+            raise GrokconvError(
+                f"llama.cpp's grok graph takes the head size as embedding_length / head_count, so it cannot run "
+                f"a model with {cfg.num_q_heads} heads of {cfg.key_size} and d_model {cfg.emb_size} "
+                f"({cfg.num_q_heads * cfg.key_size} != {cfg.emb_size}; Grok-1 itself has 48 x 128 = 6144)", path=first,
+                hint="compare this model with --engine reference, or use a model whose heads fill d_model (--preset tiny)")
+        try:
+            model = llama_cpp.Llama(model_path=str(first), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                    logits_all=True, verbose=False, n_threads=os.cpu_count() or 1,
+                                    n_threads_batch=os.cpu_count() or 1, flash_attn=False)
+        except ValueError as e:   # llama-cpp-python's "Failed to load model from file"
+            raise GrokconvError(f"llama.cpp refused the file ({e})", path=first,
+                                hint="llama.cpp logs why with verbose=True: python -c \"import llama_cpp; "
+                                     f"llama_cpp.Llama(model_path='{first}', verbose=True)\"") from None
+        _CACHE[key] = model
     return _CACHE[key]
 
 
