@@ -29,34 +29,13 @@ sys.path.insert(0, str(ROOT / "tools"))
 import torch  # noqa: E402
 
 from grokconv.config import load_preset  # noqa: E402
-from grokconv.convert import to_safetensors  # noqa: E402
 from grokconv.formats.base import open_checkpoint  # noqa: E402
 from grokconv.parity import random_tokens, run_parity  # noqa: E402
 from grokconv.synth import synthesize, write_trained  # noqa: E402
 
 
-def _st(**kw):
-    return lambda src, dst: to_safetensors(src, dst, progress=False, **kw)
-
-
-def _then(first, second):
-    def run(src, dst):
-        mid = dst.with_name(dst.name + "-mid")
-        first(src, mid)
-        second(mid, dst)
-    return run
-
-
-def _gguf(type):
-    def run(src, dst):
-        from grokconv.gguf_export import to_gguf
-        tok = src / "tokenizer.model"
-        if not tok.is_file():                 # the random tiny model has none: one trained here
-            from test_gguf import train_tokenizer
-            (dst.parent / "tok").mkdir(exist_ok=True)
-            tok = train_tokenizer(dst.parent / "tok")
-        to_gguf(src, dst / "model.gguf", type=type, tokenizer=tok, progress=False)
-    return run
+# the conversions are the CI parity table's own (tests/test_parity_paths.py)
+from test_parity_paths import _gguf, _st, _then  # noqa: E402
 
 
 CONVERSIONS = {
