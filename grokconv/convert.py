@@ -25,7 +25,7 @@ import torch
 from .config import CONFIG_FILE
 from .errors import LayoutError, MissingTensorError
 from .export import ENCODINGS, Encoding, SourceRows, encode_chunk, encoding_for, stage, tensor_amax
-from .formats.atomic import TMP_SUFFIX, atomic_write_text, raise_if_disk_full
+from .formats.atomic import TMP_SUFFIX, atomic_write_text, is_complete, write_planned
 from .formats.base import CheckpointReader, open_checkpoint
 from .formats.safetensors_io import DTYPES, ShardPlan
 from .mapping import Layout, Target, load_layout
@@ -314,30 +314,20 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
     try:
         for k, shard in enumerate(plan.shards):
             final = dst / shard.filename
-            if _complete(final, shard):
+            if is_complete(final, shard.size, shard.header):
                 summary.shards_skipped += 1
                 bar.update(shard.size)
                 continue
-            tmp = final.with_name(final.name + TMP_SUFFIX)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.ftruncate(fd, shard.size)
-                os.pwrite(fd, shard.header, 0)
-                on_bytes(len(shard.header))
-                jobs = [j for j in plan.jobs if j.shard == k]
+            jobs = [j for j in plan.jobs if j.shard == k]
+
+            def fill(fd, jobs=jobs, shard=shard):
                 with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
                     futs = [pool.submit(_run_job, reader, j, fd, shard.offsets, dev, measure, on_bytes, errors, phase)
                             for j in jobs]
                     for f in futs:
                         summary.bytes_read += f.result()
-                summary.tensors += sum(len(j.outputs) for j in jobs)
-            except BaseException as e:
-                os.close(fd)
-                tmp.unlink(missing_ok=True)
-                raise_if_disk_full(e, final)
-                raise
-            os.close(fd)
-            os.replace(tmp, final)
+            write_planned(final, shard.size, shard.header, fill, on_bytes)
+            summary.tensors += sum(len(j.outputs) for j in jobs)
             summary.shards_written += 1
     finally:
         bar.close()
@@ -353,13 +343,6 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
              "reference": "float32 int8*scale (exact dequantization of the source)", "tensors": errors},
             indent=1, sort_keys=True) + "\n")
     return summary
-
-
-def _complete(path: Path, shard: ShardPlan) -> bool:
-    if not path.exists() or path.stat().st_size != shard.size:
-        return False
-    with open(path, "rb") as f:
-        return f.read(len(shard.header)) == shard.header
 
 
 def _write_sidecars(reader, plan: ConversionPlan, dst: Path) -> None:

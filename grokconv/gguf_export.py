@@ -30,7 +30,7 @@ import torch
 from .convert import Summary, _source_bytes
 from .errors import GrokconvError, LayoutError, MissingTensorError
 from .export import CHUNK_BYTES, SourceRows
-from .formats.atomic import TMP_SUFFIX, atomic_write_text, raise_if_disk_full
+from .formats.atomic import TMP_SUFFIX, atomic_write_text, is_complete, write_planned
 from .formats.base import CheckpointReader, open_checkpoint
 from .formats.gguf import require_gguf
 from .mapping import MAPPINGS_DIR, Layout, Target, load_layout
@@ -334,13 +334,6 @@ class GGUFSummary(Summary):
     report: str | None = None
 
 
-def _complete(path: Path, part: GGUFPart) -> bool:
-    if not path.exists() or path.stat().st_size != part.size:
-        return False
-    with open(path, "rb") as f:
-        return f.read(len(part.header)) == part.header
-
-
 def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None, workers: int = 2,
             dry_run: bool = False, progress: bool = True) -> GGUFSummary | GGUFPlan:
     """Convert any readable checkpoint to GGUF at ``out`` (``-0000k-of-0000N.gguf`` parts with
@@ -375,37 +368,26 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
     try:
         for part in plan.parts:
             final = out.with_name(part.filename)
-            if _complete(final, part):
+            if is_complete(final, part.size, part.header):
                 summary.shards_skipped += 1
                 bar.update(part.size)
                 continue
-            tmp = final.with_name(final.name + TMP_SUFFIX)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.ftruncate(fd, part.size)
-                os.pwrite(fd, part.header, 0)
-                on_bytes(len(part.header))
-                jobs = [(t, e, span) for t in part.tensors for e, span in _jobs(t)]
+            jobs = [(t, e, span) for t in part.tensors for e, span in _jobs(t)]
+
+            def fill(fd, jobs=jobs):
                 with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
                     futs = [pool.submit(_run, reader, t, e, span, fd, on_bytes, results, lock) for t, e, span in jobs]
                     for f in futs:
                         summary.bytes_read += f.result()
-                summary.tensors += len(part.tensors)
-                os.close(fd)
-                if part is plan.parts[-1]:
-                    # the report goes to its final name before the last part does: output that looks
-                    # complete always has its report, and a killed run leaves neither
-                    _write_report(summary, results, type, out, summary.parts + [str(final)])
-                    reported = True
-            except BaseException as exc:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-                tmp.unlink(missing_ok=True)
-                raise_if_disk_full(exc, final)
-                raise
-            os.replace(tmp, final)
+
+            def report(final=final):
+                # the report goes to its final name before the last part does: output that looks
+                # complete always has its report, and a killed run leaves neither
+                _write_report(summary, results, type, out, summary.parts + [str(final)])
+            last = part is plan.parts[-1]
+            write_planned(final, part.size, part.header, fill, on_bytes, before_rename=report if last else None)
+            reported = reported or last
+            summary.tensors += len(part.tensors)
             summary.shards_written += 1
             summary.parts.append(str(final))
     finally:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import DiskFullError
 
-__all__ = ["atomic_write", "TMP_SUFFIX", "atomic_write_text", "disk_full", "raise_if_disk_full"]
+__all__ = ["atomic_write", "TMP_SUFFIX", "atomic_write_text", "disk_full", "raise_if_disk_full", "is_complete",
+           "write_planned"]
 
 TMP_SUFFIX = ".incomplete"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -64,3 +65,41 @@ def atomic_write(path, mode: str = "wb"):
 def atomic_write_text(path, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def is_complete(path: Path, size: int, header: bytes) -> bool:
+    """A planned file already written whole: its final name, its planned size, its planned header."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size != size:
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(header)) == header
+
+
+def write_planned(final: Path, size: int, header: bytes, fill, on_bytes=None, before_rename=None) -> None:
+    """Write a file whose layout was planned from metadata (safetensors shards, GGUF parts).
+
+    The file is made at its full ``size`` under ``final + '.incomplete'``, the ``header`` goes to
+    offset 0, then ``fill(fd)`` writes the payloads at their planned offsets (``pwrite``, from any
+    number of threads). ``before_rename()`` runs when the bytes are whole, then the file takes its final
+    name. On any error the temporary file is removed; a full disk is one :class:`DiskFullError`.
+    """
+    final = Path(final)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            os.ftruncate(fd, size)
+            os.pwrite(fd, header, 0)
+            if on_bytes is not None:
+                on_bytes(len(header))
+            fill(fd)
+        finally:
+            os.close(fd)
+        if before_rename is not None:
+            before_rename()
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        raise_if_disk_full(exc, final)
+        raise
+    os.replace(tmp, final)
