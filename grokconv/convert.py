@@ -229,7 +229,8 @@ def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on
         # that costs a quarter of a full pass (dequantize + statistics were 40% of the fp8 work)
         ctx["measure"] = acc is not None and (measure or k % MEASURE_EVERY == 0)
         c0 = time.perf_counter()
-        outs, pair = encode_chunk(enc, src, t, ctx)
+        ctx["acc"] = acc
+        outs, measured = encode_chunk(enc, src, t, ctx)
         c1 = time.perf_counter()
         phase("read (page faults) + transform", c1 - c0)
         for name, first, tens in outs:
@@ -246,8 +247,7 @@ def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on
                 smin, smax = min(smin, float(tens.float().min())), max(smax, float(tens.float().max()))
         c2 = time.perf_counter()
         phase("write", c2 - c1)
-        if acc is not None and pair is not None:
-            acc.update(*pair)
+        if measured:
             measured_rows += src.r1 - src.r0
             phase("error report", time.perf_counter() - c2)
         if release and not t.transpose:      # row chunks of the source: drop them as we go

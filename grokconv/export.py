@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from .mapping import Target
+from .quant.rowblocks import dequantize_rowblocks
+from .quant.tiles import tile_columns, transpose_int8
 from .roles import ENCODINGS
 from .tensor import QInt8, to_torch
 
@@ -45,12 +47,8 @@ class SourceRows:
         if isinstance(v, QInt8):
             if not self.transpose:
                 raise ValueError("int8 sources are [in, out]: every layout maps them transposed")
-            w, s = self._cols(v.weight), self._cols(v.scales)     # [K, R], [G, R]
-            (K, R), G = w.shape, s.shape[0]
-            # widen first (a strided int8 read is fast to convert), scale, then transpose in bf16/f32:
-            # ~4x faster on the CPU than transposing the int8; the product is exact before one rounding
-            x = w.to(dtype).view(G, K // G, R) * s.to(dtype).view(G, 1, R)
-            return x.view(K, R).t().contiguous()
+            # [K, R] and [G, R] in, the contiguous [R, K] out, in cache-sized tiles (quant.tiles)
+            return dequantize_rowblocks(self._cols(v.weight), self._cols(v.scales), dtype, transpose=True)
         t = self._cols(v)
         t = t.t() if self.transpose and t.dim() == 2 else t
         return t.to(dtype).contiguous()
@@ -58,8 +56,7 @@ class SourceRows:
     def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw int8 rows ``[R, in]`` and their scales ``[R, G]`` (source must be QInt8, transposed)."""
         v = self.value
-        w = self._cols(v.weight)
-        q = w.to(torch.int16).t().contiguous().to(torch.int8)   # int16 transposes ~4x faster than int8 here
+        q = transpose_int8(self._cols(v.weight))
         s = self._cols(v.scales).t().contiguous()
         return q, s
 
@@ -137,19 +134,23 @@ def encoding_for(quantize: str, role: str, *, fp8_scheme: str = "channel", fp8_f
 def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):
     """Rows of every output tensor for source rows ``src.r0:src.r1``.
 
-    Returns ``[(name, first_row, tensor)]`` and ``(reference_f32, dequantized_f32)`` for the error
-    report (``None`` when the encoding is exact by construction and ``ctx['measure']`` is off).
+    Returns ``[(name, first_row, tensor)]`` and whether the chunk was measured: with ``ctx['measure']``
+    on, the error of the encoding against the exact float32 dequantization is fed to ``ctx['acc']`` (an
+    :class:`~grokconv.quant.metrics.ErrorAccumulator`), tile by tile for fp8. Encodings that are exact by
+    construction (lossless int8) are never measured.
     """
     names = [n for n, _, _ in enc.outputs(t)]
     r0 = src.r0
+    measure = bool(ctx.get("measure")) and ctx.get("acc") is not None
     if enc.kind == "float":
         want = {"BF16": torch.bfloat16, "F32": torch.float32}[enc.dtype]
         if isinstance(src.value, QInt8) and want == torch.bfloat16:
             rows = src.exact(torch.bfloat16)       # bf16(int8 * scale) in one rounding, as the reference
         else:
             rows = src.exact(torch.float32).to(want)
-        pair = (src.exact(torch.float32), rows.float()) if ctx.get("measure") else None
-        return [(names[0], r0, rows)], pair
+        if measure:
+            ctx["acc"].update(src.exact(torch.float32), rows.float())
+        return [(names[0], r0, rows)], measure
     if enc.kind == "int8-pack":
         from .quant.int8 import dequantize_int8, int8_scales, pack_int8, quantize_int8
         lossless = isinstance(src.value, QInt8) and (enc.scheme == "group" or src.value.groups == 1)
@@ -164,25 +165,43 @@ def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):
         out = [(names[0], r0, pack_int8(q)), (names[1], r0, scale.to(torch.bfloat16))]
         if r0 == 0:
             out.append((names[2], 0, torch.tensor(list(t.shape), dtype=torch.int64)))
-        pair = None
-        if ctx.get("measure") and not lossless:    # lossless needs no measuring
-            pair = (src.exact(torch.float32), dequantize_int8(q, scale, enc.scheme, enc.group_size))
-        return out, pair
-    # fp8
+        measure = measure and not lossless         # lossless needs no measuring
+        if measure:
+            ctx["acc"].update(src.exact(torch.float32), dequantize_int8(q, scale, enc.scheme, enc.group_size))
+        return out, measure
+    return _encode_fp8(enc, src, t, ctx, names, measure)
+
+
+def _encode_fp8(enc: Encoding, src: SourceRows, t: Target, ctx: dict, names: list, measure: bool):
+    """fp8 rows, a tile of rows at a time: the exact float32 rows of a tile, their scales and their fp8
+    stay in the cache (``quant.tiles``); every value is the one the whole chunk would give."""
     from .quant.fp8 import dequantize_fp8, fp8_scales, quantize_fp8
-    w = src.exact(torch.float32)
-    if enc.scheme == "tensor":
-        scale = ctx["tensor_scale"]
-    else:   # a bf16-stored scale is rounded first, so the stored scale is the one used to quantize
-        scale = fp8_scales(w, enc.scheme, enc.block, scale_dtype=_TORCH[enc.scale_dtype])
-    q = quantize_fp8(w, scale, enc.scheme, enc.block)
+    r0, n = src.r0, src.r1 - src.r0
+    cols = t.shape[1] if len(t.shape) > 1 else 1
+    b0 = enc.block[0] if enc.scheme == "block" else 1
+    step = max(1, tile_columns(cols, b0)) if src.device.type == "cpu" else n
+    q = torch.empty(n, *t.shape[1:], dtype=torch.float8_e4m3fn, device=src.device)
+    scales = []
+    for a in range(0, n, step):
+        tile = SourceRows(src.value, src.transpose, r0 + a, min(src.r1, r0 + a + step), src.device)
+        w = tile.exact(torch.float32)
+        if enc.scheme == "tensor":
+            scale = ctx["tensor_scale"]
+        else:   # a bf16-stored scale is rounded first, so the stored scale is the one used to quantize
+            scale = fp8_scales(w, enc.scheme, enc.block, scale_dtype=_TORCH[enc.scale_dtype])
+            scales.append(scale)
+        qt = q[a:a + w.shape[0]]
+        qt.copy_(quantize_fp8(w, scale, enc.scheme, enc.block))
+        if measure:
+            ctx["acc"].update(w, dequantize_fp8(qt, scale, enc.scheme, enc.block))
     out = [(names[0], r0, q)]
+    sdt = torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32
     if enc.scheme != "tensor":
         srow = r0 // enc.block[0] if enc.scheme == "block" else r0
-        out.append((names[1], srow, scale.to(torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32)))
+        out.append((names[1], srow, torch.cat(scales).to(sdt)))
     elif r0 == 0:
-        out.append((names[1], 0, scale.reshape(1).to(torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32)))
-    return out, (w, dequantize_fp8(q, scale, enc.scheme, enc.block)) if ctx.get("measure") else None
+        out.append((names[1], 0, ctx["tensor_scale"].reshape(1).to(sdt)))
+    return out, measure
 
 
 def tensor_amax(value) -> float:

@@ -73,20 +73,14 @@ def dequantize(q: QInt8, dtype: str = "bf16", device="cpu") -> "torch.Tensor":
     """The reference dequantization, as a torch tensor on ``device``.
 
     ``bf16``: ``bf16(int8 * scale)`` exactly as ``model.py`` computes it (an int8 times a bf16 is exact in
-    float32, so one rounding); ``f32``: the exact product.
+    float32, so one rounding); ``f32``: the exact product. One implementation for every caller:
+    :func:`grokconv.quant.rowblocks.dequantize_rowblocks`.
     """
     import torch
+    from .quant.rowblocks import dequantize_rowblocks
     w = to_torch(q.weight).to(device)
     s = to_torch(q.scales).to(device)
-    K, N, G = w.shape[-2], w.shape[-1], s.shape[-2]
-    if K % G:
-        raise ValueError(f"input dim {K} is not divisible into {G} scale blocks")
-    lead = w.shape[:-2]
-    # bf16: torch multiplies bf16 by computing the exact float32 product and rounding once, so this is
-    # bf16(int8 * scale) without any float32 copy of the matrix
-    t = torch.bfloat16 if dtype == "bf16" else torch.float32
-    out = w.reshape(*lead, G, K // G, N).to(t) * s.reshape(*lead, G, 1, N).to(t)
-    return out.reshape(*lead, K, N)
+    return dequantize_rowblocks(w, s, torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
 def as_dense(value, dtype: str = "f32", device="cpu") -> "torch.Tensor":

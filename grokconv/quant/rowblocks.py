@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from ._blocks import F32_TINY, ZERO_SCALE
+from .tiles import tile_columns
 
 __all__ = ["quantize_rowblocks", "dequantize_rowblocks", "ROWBLOCK_QMAX"]
 
@@ -106,14 +107,46 @@ def quantize_rowblocks(w_in_out: torch.Tensor, groups: int) -> tuple:
 
 
 @torch.no_grad()
-def dequantize_rowblocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """bf16 ``q * scales`` broadcast over row blocks (exact float32 product, one rounding)."""
+def dequantize_rowblocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                         transpose: bool = False) -> torch.Tensor:
+    """``q * scales`` broadcast over row blocks: THE dequantization of the original int8 (every caller's).
+
+    The product of an int8 and a bf16 is exact in float32, so ``dtype=torch.float32`` is the exact value
+    and ``torch.bfloat16`` is ``bf16(int8 * scale)`` rounded once, as Grok's ``model.py`` computes it.
+    ``transpose=True`` (2-D ``q [K, R]`` only) returns the contiguous ``[R, K]`` instead: the ``[out, in]``
+    rows a writer needs. On the CPU the work runs in column tiles whose float32 temporaries stay in the
+    cache (``tiles``); the result is the same bytes whatever the tiling, as every element is computed alone.
+    """
     if q.dtype != torch.int8:
         raise TypeError(f"q must be torch.int8, got {q.dtype}")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
     groups = scales.shape[-2] if scales.ndim >= 2 else 0
     lead, L, K, N = _split(q.shape, groups)
     if tuple(scales.shape) != (*lead, groups, N):
         raise ValueError(f"scales shape {tuple(scales.shape)} does not fit weight {tuple(q.shape)}")
-    s = scales.to(torch.float32).reshape(L, groups, 1, N)
-    out = q.reshape(L, groups, K // groups, N).to(torch.float32).mul_(s)
-    return out.to(torch.bfloat16).reshape(*lead, K, N)
+    if transpose and lead:
+        raise ValueError(f"transpose needs a 2-D [K, N] weight, got shape {tuple(q.shape)}")
+    w = q.reshape(L, K, N)
+    s = scales.reshape(L, groups, N)
+    out = torch.empty((N, K) if transpose else (L, K, N), dtype=dtype, device=q.device)
+    if q.device.type != "cpu":             # one pass on an accelerator: no cache to fit
+        x = w.to(torch.float32).view(L, groups, K // groups, N).mul_(s.to(torch.float32).view(L, groups, 1, N))
+        x = x.view(L, K, N)
+        out.copy_(x[0].t() if transpose else x)
+        return out if transpose else out.reshape(*lead, K, N)
+    t = tile_columns(K)
+    tmp = torch.empty(K, t, dtype=torch.float32)
+    tt = torch.empty(t, K, dtype=torch.float32) if transpose and dtype != torch.float32 else None
+    for i in range(L):
+        for c0 in range(0, N, t):
+            c1 = min(N, c0 + t)
+            x = tmp[:, :c1 - c0].copy_(w[i, :, c0:c1])
+            x.view(groups, K // groups, c1 - c0).mul_(s[i, :, None, c0:c1].to(torch.float32))
+            if not transpose:
+                out[i, :, c0:c1].copy_(x)
+            elif tt is None:
+                out[c0:c1].copy_(x.t())
+            else:                          # transpose in float32 (fast), then round contiguous rows
+                out[c0:c1].copy_(tt[:c1 - c0].copy_(x.t()))
+    return out if transpose else out.reshape(*lead, K, N)

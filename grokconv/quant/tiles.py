@@ -1,0 +1,42 @@
+"""Cache-sized tiles for the CPU transforms: the int8 weights arrive ``[in, out]`` and leave ``[out, in]``.
+
+A transposition of a whole chunk runs at DRAM speed and dominated the CPU conversions (an fp8 chunk was
+widened, transposed, scaled, reduced and divided as 48 MB float32 temporaries, each pass out of cache).
+Cut into column tiles of about ``TILE_BYTES`` of float32, every temporary stays in L2 and each element
+is read from memory once. Tiles never change a value: every element is computed on its own.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["TILE_BYTES", "tile_columns", "transpose_int8"]
+
+TILE_BYTES = 3 << 19          # 1.5 MiB of float32 per tile: 64 columns of a 6144-row weight
+_MIN_TILE = 8
+
+
+def tile_columns(rows: int, multiple: int = 1) -> int:
+    """Columns per tile of a ``[rows, n]`` source: about ``TILE_BYTES`` of float32, a multiple of ``multiple``
+    (``_MIN_TILE`` at least; at least one ``multiple``)."""
+    t = max(_MIN_TILE, TILE_BYTES // (4 * max(1, rows)) // _MIN_TILE * _MIN_TILE)
+    return max(multiple, t // multiple * multiple)
+
+
+@torch.no_grad()
+def transpose_int8(q: torch.Tensor) -> torch.Tensor:
+    """Contiguous ``q.t()`` of an int8 ``[K, R]`` (any strides): through int16 tiles on the CPU, which
+    transpose several times faster than int8 elements do; one copy elsewhere."""
+    if q.ndim != 2:
+        raise ValueError(f"need a 2-D [K, R] tensor, got shape {tuple(q.shape)}")
+    K, R = q.shape
+    if q.device.type != "cpu":
+        return q.t().contiguous()
+    out = torch.empty(R, K, dtype=q.dtype)
+    t = tile_columns(K) * 2        # int16 is half the bytes of float32
+    a = torch.empty(K, t, dtype=torch.int16)
+    b = torch.empty(t, K, dtype=torch.int16)
+    for c0 in range(0, R, t):
+        c1 = min(R, c0 + t)
+        x = a[:, :c1 - c0].copy_(q[:, c0:c1])
+        out[c0:c1].copy_(b[:c1 - c0].copy_(x.t()))
+    return out
