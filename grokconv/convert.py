@@ -31,7 +31,7 @@ from .formats.safetensors_io import DTYPES, ShardPlan
 from .mapping import Layout, Target, load_layout
 from .quant.metrics import ErrorAccumulator
 from .tensor import QInt8, from_torch
-from .runtime import peak_rss_bytes, resolve_device
+from .runtime import peak_rss_bytes, resolve_device, resolve_workers, torch_threads_per_worker
 from .units import parse_size
 
 __all__ = ["ConversionPlan", "plan_conversion", "to_safetensors", "Summary", "parse_size", "INDEX_FILE",
@@ -273,7 +273,7 @@ def _source_bytes(value) -> int:
 
 
 def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_scheme: str = "channel",
-                   fp8_format: str = "compressed-tensors", int8_scheme: str = "group", layers=None, max_shard_size="5GB", workers: int = 2,
+                   fp8_format: str = "compressed-tensors", int8_scheme: str = "group", layers=None, max_shard_size="5GB", workers: int | None = None,
                    device: str = "cpu", dry_run: bool = False, progress: bool = True, measure: bool = False,
                    tokenizer=None, require_files: bool = False, echo=print) -> Summary | ConversionPlan:
     """Convert any readable checkpoint to sharded safetensors in ``layout``; returns a :class:`Summary`.
@@ -309,7 +309,8 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
             summary.add_phase(name, sec)
 
     saved_threads = torch.get_num_threads()   # workers share the cores; restored when done
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    workers = resolve_workers(workers)
+    torch.set_num_threads(torch_threads_per_worker(workers))
     errors: dict = {}
     try:
         for k, shard in enumerate(plan.shards):

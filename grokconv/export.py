@@ -17,7 +17,7 @@ import torch
 
 from .mapping import Target
 from .quant.rowblocks import dequantize_rowblocks
-from .quant.tiles import tile_columns, transpose_int8
+from .quant.tiles import scratch, tile_columns, transpose_int8
 from .roles import ENCODINGS
 from .tensor import QInt8, to_torch
 
@@ -41,14 +41,19 @@ class SourceRows:
         sub = a[..., self.r0:self.r1] if self.transpose else a[self.r0:self.r1]
         return (sub if isinstance(sub, torch.Tensor) else to_torch(sub)).to(self.device, non_blocking=True)
 
-    def exact(self, dtype=torch.float32) -> torch.Tensor:
-        """Exact dequantized rows ``[R, in]`` (``bf16`` gives the reference's ``bf16(int8 * scale)``)."""
+    def exact(self, dtype=torch.float32, work: bool = False) -> torch.Tensor:
+        """Exact dequantized rows ``[R, in]`` (``bf16`` gives the reference's ``bf16(int8 * scale)``).
+
+        ``work``: an int8 source's rows land in this thread's reused buffer (``quant.tiles.scratch``),
+        valid until the next ``exact(work=True)`` in the thread: for tiles consumed at once."""
         v = self.value
         if isinstance(v, QInt8):
             if not self.transpose:
                 raise ValueError("int8 sources are [in, out]: every layout maps them transposed")
             # [K, R] and [G, R] in, the contiguous [R, K] out, in cache-sized tiles (quant.tiles)
-            return dequantize_rowblocks(self._cols(v.weight), self._cols(v.scales), dtype, transpose=True)
+            w, s = self._cols(v.weight), self._cols(v.scales)
+            out = scratch("SourceRows.exact", (w.shape[1], w.shape[0]), dtype) if work else None
+            return dequantize_rowblocks(w, s, dtype, transpose=True, out=out)
         t = self._cols(v)
         t = t.t() if self.transpose and t.dim() == 2 else t
         return t.to(dtype).contiguous()
@@ -184,14 +189,13 @@ def _encode_fp8(enc: Encoding, src: SourceRows, t: Target, ctx: dict, names: lis
     scales = []
     for a in range(0, n, step):
         tile = SourceRows(src.value, src.transpose, r0 + a, min(src.r1, r0 + a + step), src.device)
-        w = tile.exact(torch.float32)
+        w = tile.exact(torch.float32, work=src.device.type == "cpu")
         if enc.scheme == "tensor":
             scale = ctx["tensor_scale"]
         else:   # a bf16-stored scale is rounded first, so the stored scale is the one used to quantize
             scale = fp8_scales(w, enc.scheme, enc.block, scale_dtype=_TORCH[enc.scale_dtype])
             scales.append(scale)
-        qt = q[a:a + w.shape[0]]
-        qt.copy_(quantize_fp8(w, scale, enc.scheme, enc.block))
+        qt = quantize_fp8(w, scale, enc.scheme, enc.block, out=q[a:a + w.shape[0]])
         if measure:
             ctx["acc"].update(w, dequantize_fp8(qt, scale, enc.scheme, enc.block))
     out = [(names[0], r0, q)]

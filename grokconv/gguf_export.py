@@ -36,7 +36,7 @@ from .formats.gguf import require_gguf
 from .mapping import MAPPINGS_DIR, Layout, Target, load_layout
 from .quant.metrics import ErrorAccumulator
 from .quant.q8_0 import QK8_0, Q8Stats, q8_0_from_int8, quantize_q8_0
-from .runtime import peak_rss_bytes
+from .runtime import peak_rss_bytes, resolve_workers, torch_threads_per_worker
 from .tensor import QInt8
 from .units import parse_size
 
@@ -334,7 +334,7 @@ class GGUFSummary(Summary):
     report: str | None = None
 
 
-def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None, workers: int = 2,
+def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None, workers: int | None = None,
             dry_run: bool = False, progress: bool = True) -> GGUFSummary | GGUFPlan:
     """Convert any readable checkpoint to GGUF at ``out`` (``-0000k-of-0000N.gguf`` parts with
     ``max_shard_size``). Returns a :class:`GGUFSummary`, or the :class:`GGUFPlan` with ``dry_run``."""
@@ -364,7 +364,8 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
             bar.update(n)
 
     saved_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    workers = resolve_workers(workers)
+    torch.set_num_threads(torch_threads_per_worker(workers))
     try:
         for part in plan.parts:
             final = out.with_name(part.filename)

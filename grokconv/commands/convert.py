@@ -41,7 +41,8 @@ def print_summary(s, echo=click.echo):
               help="A tokenizer.model to copy into the export (default: the source's). --layout keyfan needs one: "
                    "llama.cpp's convert_hf_to_gguf.py reads it.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Tensors converted at once (threads). Default: one per available CPU core.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, its shard and size).")
 @click.option("--no-progress", is_flag=True)

@@ -14,7 +14,8 @@ from ._output import emit, json_option, summary_dict
               help="SentencePiece tokenizer.model (default: the one beside SRC).")
 @click.option("--max-shard-size", help="Split into llama.cpp's -00001-of-0000N.gguf parts of at most this size "
                                        "(e.g. 45GB); llama.cpp loads the first part.")
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Tensors converted at once (threads). Default: one per available CPU core.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every part, tensor, type, shape and offset).")
 @click.option("--no-progress", is_flag=True)
 @json_option

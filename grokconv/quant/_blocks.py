@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .tiles import scratch
+
 __all__ = ["cdiv", "check_2d", "block_amax", "scales_from_amax", "local_scale", "apply_blockwise",
-           "amax_per_scale", "quantize_blockwise", "dequantize_blockwise", "F32_TINY", "ZERO_SCALE"]
+           "amax_per_scale", "quantize_blockwise", "dequantize_blockwise", "e4m3_to_float32", "F32_TINY",
+           "ZERO_SCALE"]
 
 F32_TINY = torch.finfo(torch.float32).tiny   # 2**-126, smallest normal float32 (and bfloat16)
 ZERO_SCALE = 1.0                             # the scale given to an all-zero tensor/row/group/block
@@ -115,21 +118,28 @@ def local_scale(scale: torch.Tensor, rows: int, cols: int, b0: int | None, b1: i
     return s
 
 
-def apply_blockwise(w: torch.Tensor, s: torch.Tensor, b0: int, b1: int, op: str) -> torch.Tensor:
+def apply_blockwise(w: torch.Tensor, s: torch.Tensor, b0: int, b1: int, op: str,
+                    buf: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``w / s`` (``op="div"``) or ``w * s`` (``"mul"``), ``s`` broadcast over its blocks.
 
     Works on one zero-padded float32 copy of ``w`` (no full-size scale tensor is built); returns a
-    view of it with ``w``'s shape (non-contiguous when padding was needed).
+    view of it with ``w``'s shape (non-contiguous when padding was needed). ``buf``: a float32 work
+    buffer of at least the padded size to use instead of a new one (the result is then a view of it).
     """
     rows, cols = w.shape
     nb0, nb1 = s.shape
     R, C = nb0 * b0, nb1 * b1
     if (R, C) == (rows, cols) and w.dtype == torch.float32:   # no padding: one pass, no copy first
         f = torch.div if op == "div" else torch.mul
-        out = torch.empty(R, C, dtype=torch.float32, device=w.device)
+        out = torch.empty(R, C, dtype=torch.float32, device=w.device) if buf is None else buf[:R * C].view(R, C)
         f(w.reshape(nb0, b0, nb1, b1), s[:, None, :, None], out=out.view(nb0, b0, nb1, b1))
         return out
-    buf = (torch.zeros if (R, C) != (rows, cols) else torch.empty)(R, C, dtype=torch.float32, device=w.device)
+    if buf is None:
+        buf = (torch.zeros if (R, C) != (rows, cols) else torch.empty)(R, C, dtype=torch.float32, device=w.device)
+    else:
+        buf = buf[:R * C].view(R, C)
+        if (R, C) != (rows, cols):
+            buf.zero_()
     buf[:rows, :cols].copy_(w)
     view = buf.view(nb0, b0, nb1, b1)
     if op == "div":
@@ -148,16 +158,25 @@ def amax_per_scale(w: torch.Tensor, b0: int | None, b1: int) -> torch.Tensor:
 
 
 def quantize_blockwise(w: torch.Tensor, scale: torch.Tensor, b0: int | None, b1: int, row_offset: int,
-                       qmin: float, qmax: float, out_dtype: torch.dtype, rounding: bool) -> torch.Tensor:
+                       qmin: float, qmax: float, out_dtype: torch.dtype, rounding: bool,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """``out_dtype`` of ``clamp(w / scale, qmin, qmax)`` (float32 division), rounded half-to-even first
     when ``rounding`` (integers), else by the cast (fp8 casts round to nearest even)."""
     check_2d(w, "w")
     rows, cols = w.shape
     s = local_scale(scale, rows, cols, b0, b1, row_offset, w.device)
-    x = apply_blockwise(w, s, rows if b0 is None else b0, b1, "div").clamp_(qmin, qmax)
+    bb0 = rows if b0 is None else b0
+    buf = None
+    if w.device.type == "cpu":     # the float32 quotient lives only here: a reused per-thread buffer
+        buf = scratch("quantize_blockwise", (cdiv(rows, bb0) * bb0 * cdiv(cols, b1) * b1,), torch.float32)
+    x = apply_blockwise(w, s, bb0, b1, "div", buf).clamp_(qmin, qmax)
     if rounding:
         x.round_()
-    return torch.empty(rows, cols, dtype=out_dtype, device=w.device).copy_(x)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=out_dtype, device=w.device)
+    elif tuple(out.shape) != (rows, cols) or out.dtype != out_dtype:
+        raise ValueError(f"out must be {out_dtype} of shape {(rows, cols)}, got {out.dtype} {tuple(out.shape)}")
+    return out.copy_(x)
 
 
 def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, b0: int | None, b1: int, row_offset: int,
@@ -166,4 +185,21 @@ def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, b0: int | None, b
     check_2d(q, "q", q_dtype)
     rows, cols = q.shape
     s = local_scale(scale, rows, cols, b0, b1, row_offset, q.device)
+    if q_dtype == torch.float8_e4m3fn:   # torch widens fp8 one element at a time on the CPU: exact bit path
+        q = e4m3_to_float32(q)
     return apply_blockwise(q, s, rows if b0 is None else b0, b1, "mul").contiguous()
+
+
+def e4m3_to_float32(q: torch.Tensor) -> torch.Tensor:
+    """float32 values of float8_e4m3fn ``q``, exactly (NaN for the two NaN codes), through float16.
+
+    The 7 low bits ``eeeemmm`` of an e4m3 byte, shifted left by 7 into a float16, are that float16's
+    exponent ``0eeee`` and mantissa ``mmm0000000``: the e4m3 value times 2**-8, subnormals included
+    (bias 15 against 7). float16 widens to float32 vectorised, and * 256 is exact. ~4x faster than
+    ``q.float()`` here.
+    """
+    u = q.view(torch.uint8).to(torch.int16)
+    mag = u & 0x7F
+    h = (mag << 7) | ((u & 0x80) << 8)
+    out = h.view(torch.float16).to(torch.float32).mul_(256.0)
+    return out.masked_fill_(mag == 0x7F, float("nan"))

@@ -77,13 +77,14 @@ def fp8_scales(w: torch.Tensor, scheme: str, block=(128, 128),
 
 @torch.no_grad()
 def quantize_fp8(w: torch.Tensor, scale: torch.Tensor, scheme: str, block=(128, 128),
-                 row_offset: int = 0) -> torch.Tensor:
+                 row_offset: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """``float8_e4m3fn`` of ``clamp(w / scale, -448, 448)`` (float32 division, round-to-nearest-even cast).
 
     ``w`` may be a row slice ``W[row_offset:row_offset+rows]`` of the tensor that ``scale`` describes.
+    ``out``: a float8_e4m3fn tensor of ``w``'s shape to write into (a row slice of a larger result).
     """
     return quantize_blockwise(w, scale, *_block(scheme, w.shape[-1], block), row_offset,
-                              -FP8_MAX, FP8_MAX, FP8_DTYPE, rounding=False)
+                              -FP8_MAX, FP8_MAX, FP8_DTYPE, rounding=False, out=out)
 
 
 @torch.no_grad()

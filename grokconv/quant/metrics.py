@@ -45,8 +45,9 @@ class ErrorAccumulator:
             e = a.float() - rf
             self.sum_ref_sq += float(torch.linalg.vector_norm(rf)) ** 2
             self.sum_err_sq += float(torch.linalg.vector_norm(e)) ** 2
-            self.max_abs = max(self.max_abs, *(abs(float(v)) for v in torch.aminmax(e)))
-            self.amax = max(self.amax, *(abs(float(v)) for v in torch.aminmax(rf)))
+            # amax and amin: several times faster than aminmax on the CPU, the same values
+            self.max_abs = max(self.max_abs, abs(float(e.amax())), abs(float(e.amin())))
+            self.amax = max(self.amax, abs(float(rf.amax())), abs(float(rf.amin())))
             self.numel += n
             return self
         rbuf = torch.empty(min(n, _SUB), dtype=torch.float64, device=r.device)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ._blocks import F32_TINY, ZERO_SCALE
-from .tiles import tile_columns
+from .tiles import scratch, tile_columns
 
 __all__ = ["quantize_rowblocks", "dequantize_rowblocks", "ROWBLOCK_QMAX"]
 
@@ -108,7 +108,7 @@ def quantize_rowblocks(w_in_out: torch.Tensor, groups: int) -> tuple:
 
 @torch.no_grad()
 def dequantize_rowblocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
-                         transpose: bool = False) -> torch.Tensor:
+                         transpose: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``q * scales`` broadcast over row blocks: THE dequantization of the original int8 (every caller's).
 
     The product of an int8 and a bf16 is exact in float32, so ``dtype=torch.float32`` is the exact value
@@ -116,6 +116,7 @@ def dequantize_rowblocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     ``transpose=True`` (2-D ``q [K, R]`` only) returns the contiguous ``[R, K]`` instead: the ``[out, in]``
     rows a writer needs. On the CPU the work runs in column tiles whose float32 temporaries stay in the
     cache (``tiles``); the result is the same bytes whatever the tiling, as every element is computed alone.
+    ``out``: a contiguous tensor of the result's shape and ``dtype`` to write into (else a new one).
     """
     if q.dtype != torch.int8:
         raise TypeError(f"q must be torch.int8, got {q.dtype}")
@@ -129,15 +130,21 @@ def dequantize_rowblocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
         raise ValueError(f"transpose needs a 2-D [K, N] weight, got shape {tuple(q.shape)}")
     w = q.reshape(L, K, N)
     s = scales.reshape(L, groups, N)
-    out = torch.empty((N, K) if transpose else (L, K, N), dtype=dtype, device=q.device)
+    shape = (N, K) if transpose else (*lead, K, N)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=q.device)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}")
+    result = out
+    out = out if transpose else out.view(L, K, N)
     if q.device.type != "cpu":             # one pass on an accelerator: no cache to fit
         x = w.to(torch.float32).view(L, groups, K // groups, N).mul_(s.to(torch.float32).view(L, groups, 1, N))
         x = x.view(L, K, N)
         out.copy_(x[0].t() if transpose else x)
-        return out if transpose else out.reshape(*lead, K, N)
+        return result
     t = tile_columns(K)
-    tmp = torch.empty(K, t, dtype=torch.float32)
-    tt = torch.empty(t, K, dtype=torch.float32) if transpose and dtype != torch.float32 else None
+    tmp = scratch("dequantize_rowblocks.x", (K, t), torch.float32)
+    tt = scratch("dequantize_rowblocks.t", (t, K), torch.float32) if transpose and dtype != torch.float32 else None
     for i in range(L):
         for c0 in range(0, N, t):
             c1 = min(N, c0 + t)
@@ -149,4 +156,4 @@ def dequantize_rowblocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
                 out[c0:c1].copy_(x.t())
             else:                          # transpose in float32 (fast), then round contiguous rows
                 out[c0:c1].copy_(tt[:c1 - c0].copy_(x.t()))
-    return out if transpose else out.reshape(*lead, K, N)
+    return result

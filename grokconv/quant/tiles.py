@@ -7,12 +7,31 @@ is read from memory once. Tiles never change a value: every element is computed 
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
-__all__ = ["TILE_BYTES", "tile_columns", "transpose_int8"]
+__all__ = ["TILE_BYTES", "tile_columns", "transpose_int8", "scratch"]
 
 TILE_BYTES = 3 << 19          # 1.5 MiB of float32 per tile: 64 columns of a 6144-row weight
 _MIN_TILE = 8
+
+
+_LOCAL = threading.local()
+
+
+def scratch(key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU work buffer of ``shape`` kept per thread under ``key`` and reused by the next call with the
+    same key: a fresh allocation per tile costs page faults that were a third of the transform. The
+    caller must be done with the previous buffer of that key (keys are per function, never returned)."""
+    n = 1
+    for d in shape:
+        n *= d
+    bufs = _LOCAL.__dict__.setdefault("bufs", {})
+    buf = bufs.get((key, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(key, dtype)] = torch.empty(max(n, 1), dtype=dtype)
+    return buf[:n].view(shape)
 
 
 def tile_columns(rows: int, multiple: int = 1) -> int:
@@ -33,8 +52,8 @@ def transpose_int8(q: torch.Tensor) -> torch.Tensor:
         return q.t().contiguous()
     out = torch.empty(R, K, dtype=q.dtype)
     t = tile_columns(K) * 2        # int16 is half the bytes of float32
-    a = torch.empty(K, t, dtype=torch.int16)
-    b = torch.empty(t, K, dtype=torch.int16)
+    a = scratch("transpose_int8.a", (K, t), torch.int16)
+    b = scratch("transpose_int8.b", (t, K), torch.int16)
     for c0 in range(0, R, t):
         c1 = min(R, c0 + t)
         x = a[:, :c1 - c0].copy_(q[:, c0:c1])
