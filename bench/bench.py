@@ -4,6 +4,13 @@ Throughput is bytes moved (read + written) per second of wall time, printed as a
 `cp` of the same source files to the same disk, measured in the same run. Both include a final
 `sync`, so neither is flattered by dirty pages. Each conversion runs in its own process; its peak
 RSS is that process's maximum resident set (file-backed mapped pages included).
+
+Per case and worker count it prints what bounds it: the workers' time split into read (waiting for
+the source's pages: the read+transform phase less the transform alone), transform (the case's cost
+measured alone on one in-memory expert slice, ``bench/transform.py``, scaled to the bytes converted)
+and write; the projected time for the whole release (318 GB) on this machine; and an ESTIMATE of
+where a 32-core machine with this disk would be limited (the transform scaled linearly in cores,
+which the GIL-held Python between tiles and the memory bandwidth will not quite allow).
 """
 from __future__ import annotations
 
@@ -15,6 +22,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import transform  # noqa: E402  (the transform alone: bench/transform.py)
+
+RELEASE_BYTES = 318e9   # the Grok-1 release on disk (770 files)
+BIG_MACHINE_CORES = 32
 
 RUN = """
 import json, sys, os, time
@@ -67,15 +80,36 @@ def cold_cache() -> bool:
         return False
 
 
+def transform_seconds_per_gib(case: str) -> float:
+    """The case's transform alone, one thread, warm: s per GiB of int8 input (mean of the two shapes)."""
+    import torch
+    torch.set_num_threads(1)
+    per = []
+    for K, N, G in transform.SHAPES.values():
+        value = transform.source(K, N // 4, G)           # a quarter slice: the same tiles, a quarter the time
+        per.append(min(transform.run_case(case, value) for _ in range(2)) / (value.weight.nbytes / 2 ** 30))
+    return sum(per) / len(per)
+
+
+def hms(sec: float) -> str:
+    h, m = divmod(int(round(sec)) // 60, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {int(round(sec)) % 60:02d} s"
+
+
 def main():
+    from grokconv.runtime import available_cores
+    cores = available_cores()
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="build/bench")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--workers", default=f"1,{cores}" if cores > 1 else "1",
+                    help="comma-separated worker counts to run each case with (default: 1 and the available cores)")
     ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block,gguf:f16,gguf:q8_0")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic source for the next run")
+    ap.add_argument("--hash", action="store_true", help="print the sha256 of every output file (to compare builds)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where conversions compute")
     args = ap.parse_args()
+    worker_counts = [int(w) for w in str(args.workers).split(",")]
     root = Path(args.dir)
     src = root / f"full-width-{args.layers}"
     root.mkdir(parents=True, exist_ok=True)
@@ -86,6 +120,7 @@ def main():
                         "--layers", str(args.layers)], check=True)
         print(f"  {time.perf_counter() - t:.0f} s", flush=True)
     size = sum(p.stat().st_size for p in (src / "ckpt-0").iterdir())
+    int8_bytes = sum(p.stat().st_size for p in (src / "ckpt-0").iterdir() if p.stat().st_size > 100 << 20)
     rows = []
 
     cold = True
@@ -105,49 +140,81 @@ def main():
     # the disk's speed drifts over minutes here: copy before and after the cases, and take the faster
     # copy as the reference (the ratios are then the conservative ones)
     cp_first = plain_copy()
-    print(f"source {gib(size):.2f} GiB; cp {cp_first:.1f} s = {2 * size / cp_first / 1e6:.0f} MB/s moved", flush=True)
+    print(f"source {gib(size):.2f} GiB; cp {cp_first:.1f} s = {2 * size / cp_first / 1e6:.0f} MB/s moved; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    costs = {}
     for case in args.cases.split(","):
-        quant, _, scheme = case.partition(":")
-        out = root / f"out-{quant}-{scheme or 'x'}"
-        shutil.rmtree(out, ignore_errors=True)
-        cold = cold_cache() and cold
-        if quant == "gguf":
-            tok = bench_tokenizer(root)
-            out.mkdir(parents=True)
-            r = subprocess.run([sys.executable, "-c", RUN_GGUF, str(src), str(out), scheme, str(tok), str(args.workers)],
-                               check=True, capture_output=True, text=True)
-        else:
-            r = subprocess.run([sys.executable, "-c", RUN, str(src), str(out), quant, scheme or "channel",
-                                str(args.workers), args.device], check=True, capture_output=True, text=True)
-        res = json.loads(r.stdout.strip().splitlines()[-1])
-        moved = res["read"] + res["written"]
-        rate = moved / res["seconds"]
-        rows.append((case, res["seconds"], moved, rate, res["peak_rss"], res["phases"]))
-        print(f"{case}: {res['seconds']:.1f} s, {rate / 1e6:.0f} MB/s moved, "
-              f"peak RSS {gib(res['peak_rss']):.2f} GiB", flush=True)
-        if res.get("q8_0"):
-            q = res["q8_0"]
-            print(f"  q8_0 from the original int8: {q['q8_0_exact_blocks']} of {q['q8_0_blocks']} blocks exact, "
-                  f"{q['q8_0_inexact_blocks']} inexact {({k: v for k, v in q.items() if k.startswith('inexact_')})}",
-                  flush=True)
-        shutil.rmtree(out)
+        costs[case] = transform_seconds_per_gib(case)
+        print(f"{case}: transform alone {costs[case]:.2f} s/GiB of int8 (1 thread, warm)", flush=True)
+        for workers in worker_counts:
+            quant, _, scheme = case.partition(":")
+            out = root / f"out-{quant}-{scheme or 'x'}"
+            shutil.rmtree(out, ignore_errors=True)
+            cold = cold_cache() and cold
+            load = os.getloadavg()[0]
+            if quant == "gguf":
+                tok = bench_tokenizer(root)
+                out.mkdir(parents=True)
+                r = subprocess.run([sys.executable, "-c", RUN_GGUF, str(src), str(out), scheme, str(tok), str(workers)],
+                                   check=True, capture_output=True, text=True)
+            else:
+                r = subprocess.run([sys.executable, "-c", RUN, str(src), str(out), quant, scheme or "channel",
+                                    str(workers), args.device], check=True, capture_output=True, text=True)
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            moved = res["read"] + res["written"]
+            rate = moved / res["seconds"]
+            rows.append(dict(case=case, workers=workers, sec=res["seconds"], moved=moved, rate=rate, rss=res["peak_rss"],
+                             phases=res["phases"], read=res["read"], load=load))
+            print(f"{case} x{workers}: {res['seconds']:.1f} s, {rate / 1e6:.0f} MB/s moved, "
+                  f"peak RSS {gib(res['peak_rss']):.2f} GiB", flush=True)
+            if res.get("q8_0"):
+                q = res["q8_0"]
+                print(f"  q8_0 from the original int8: {q['q8_0_exact_blocks']} of {q['q8_0_blocks']} blocks exact, "
+                      f"{q['q8_0_inexact_blocks']} inexact {({k: v for k, v in q.items() if k.startswith('inexact_')})}",
+                      flush=True)
+            if args.hash:
+                for f in sorted(p for p in out.rglob("*") if p.is_file() and "report" not in p.name):
+                    digest = subprocess.run(["sha256sum", str(f)], check=True, capture_output=True, text=True)
+                    print(f"  {digest.stdout.split()[0]}  {f.relative_to(out)}", flush=True)
+            shutil.rmtree(out)
     cp_last = plain_copy()
     cp_s = min(cp_first, cp_last)
     cp_rate = 2 * size / cp_s
-    rows.insert(0, ("cp (plain copy)", cp_s, 2 * size, cp_rate, None, {}))
     if not args.keep:
         shutil.rmtree(src)
 
     print()
-    print(f"{'case':<16} {'seconds':>8} {'GB moved':>9} {'MB/s':>7} {'x cp':>6} {'peak RSS':>9}  where the worker time goes")
-    for name, sec, moved, rate, rss, phases in rows:
-        tot = sum(phases.values()) or 1
-        prof = ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in phases.items())
-        print(f"{name:<16} {sec:8.1f} {moved / 1e9:9.2f} {rate / 1e6:7.0f} {rate / cp_rate:6.2f} "
-              f"{'' if rss is None else f'{gib(rss):.2f} GiB':>9}  {prof}")
+    print(f"{'case':<12} {'wk':>2} {'seconds':>8} {'GB moved':>8} {'MB/s':>6} {'x cp':>5} {'peak RSS':>9} "
+          f"{'bound':>9}  {'read/transform/write of worker time':<36} {'318 GB release':>15}  load")
+    print(f"{'cp':<12} {'':>2} {cp_s:8.1f} {2 * size / 1e9:8.2f} {cp_rate / 1e6:6.0f} {1:5.2f} {'':>9} {'disk':>9}  "
+          f"{'':<36} {hms(cp_s * RELEASE_BYTES / size):>15}")
+    for r in rows:
+        ph = r["phases"]
+        work = sum(ph.values()) or 1e-9
+        # the transform alone, scaled to the int8 bytes this run converted (the float files are small)
+        tf = min(costs[r["case"]] * int8_bytes / 2 ** 30, ph.get("read (page faults) + transform", work))
+        read = max(0.0, ph.get("read (page faults) + transform", 0.0) - tf)
+        write = ph.get("write", 0.0)
+        other = max(0.0, work - read - tf - write)
+        split = {"read": read, "transform": tf + other, "write": write}
+        bound = max(split, key=split.get)
+        prof = "/".join(f"{100 * v / work:.0f}" for v in split.values()) + " %"
+        print(f"{r['case']:<12} {r['workers']:>2} {r['sec']:8.1f} {r['moved'] / 1e9:8.2f} {r['rate'] / 1e6:6.0f} "
+              f"{r['rate'] / cp_rate:5.2f} {gib(r['rss']):7.2f} G {bound:>9}  {prof:<36} "
+              f"{hms(r['sec'] * RELEASE_BYTES / size):>15}  {r['load']:.1f}")
     print(f"\ncp before the cases {cp_first:.1f} s, after {cp_last:.1f} s; the faster is the reference")
-    print(f"{os.cpu_count()} cores; device {args.device}; workers {args.workers}; source {gib(size):.2f} GiB ({args.layers} layers); "
-          f"page cache {'dropped before every measurement' if cold else 'NOT dropped (not permitted): warm reads'}")
+    print(f"{cores} cores available; device {args.device}; source {gib(size):.2f} GiB ({args.layers} layers); "
+          f"page cache {'dropped before every measurement' if cold else 'NOT dropped (not permitted): warm reads'}; "
+          f"load average now {os.getloadavg()[0]:.1f} (the last column: when each case started)")
+    print(f"\nESTIMATE, not a measurement: a {BIG_MACHINE_CORES}-core machine with this disk "
+          f"({cp_rate / 1e6:.0f} MB/s moved), the transform scaling linearly with {BIG_MACHINE_CORES} workers:")
+    for case, cost in costs.items():
+        arith = BIG_MACHINE_CORES * 2 ** 30 / cost          # int8 bytes per second the cores could transform
+        out_per_in = next((r["moved"] - r["read"]) / max(r["read"], 1) for r in rows if r["case"] == case)
+        disk = cp_rate / (1 + out_per_in)                    # int8 bytes per second the disk can move
+        limit = "disk" if disk < arith else "arithmetic"
+        print(f"  {case:<12} arithmetic {arith / 1e9:5.1f} GB/s of int8 vs disk {disk / 1e9:5.2f} GB/s: limited by "
+              f"{limit}; the release in ~{hms(RELEASE_BYTES / min(disk, arith))}")
 
 
 if __name__ == "__main__":
