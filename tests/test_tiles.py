@@ -196,3 +196,14 @@ def test_cli_refuses_zero_workers(tmp_path):
     for cmd in (["to-safetensors", str(tmp_path), str(tmp_path / "o")], ["to-gguf", str(tmp_path), str(tmp_path / "o.gguf")]):
         r = CliRunner().invoke(main, [*cmd, "--workers", "0"])
         assert r.exit_code == 2 and "--workers" in r.output and "Traceback" not in r.output
+
+
+def test_tensor_amax_equals_float64_max():
+    from grokconv.export import tensor_amax
+    rng = np.random.default_rng(3)
+    for K, N, G in ((256, 96, 8), (640, 70, 1), (64, 5, 1)):
+        for fill in (None, -128, 0):
+            w = rng.integers(-128, 128, size=(K, N), dtype=np.int8) if fill is None else np.full((K, N), fill, np.int8)
+            s = (rng.standard_normal((G, N)) * 10.0 ** rng.integers(-30, 30, size=(G, N))).astype(np.float32).astype(BF16)
+            want = np.abs(w.astype(np.float64) * np.repeat(s.astype(np.float64), K // G, axis=0)).max()
+            assert tensor_amax(QInt8(w, s)) == np.float32(want)
