@@ -207,3 +207,13 @@ def test_tensor_amax_equals_float64_max():
             s = (rng.standard_normal((G, N)) * 10.0 ** rng.integers(-30, 30, size=(G, N))).astype(np.float32).astype(BF16)
             want = np.abs(w.astype(np.float64) * np.repeat(s.astype(np.float64), K // G, axis=0)).max()
             assert tensor_amax(QInt8(w, s)) == np.float32(want)
+
+
+def test_work_buffers_inside_and_outside_inference_mode(small_tiles):
+    q = torch.from_numpy(all_int8_columns(20))
+    s = torch.ones(1, 20, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        a = dequantize_rowblocks(q, s, torch.float32, transpose=True).clone()
+        assert torch.equal(transpose_int8(q), q.t())
+    b = dequantize_rowblocks(q, s, torch.float32, transpose=True)        # the buffers of the other mode
+    assert torch.equal(a, b) and torch.equal(transpose_int8(q), q.t())

@@ -28,9 +28,12 @@ def scratch(key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     for d in shape:
         n *= d
     bufs = _LOCAL.__dict__.setdefault("bufs", {})
-    buf = bufs.get((key, dtype))
+    # a buffer made under inference_mode cannot be updated outside it (and the reverse is refused for
+    # autograd's sake): one buffer per mode
+    k = (key, dtype, torch.is_inference_mode_enabled())
+    buf = bufs.get(k)
     if buf is None or buf.numel() < n:
-        buf = bufs[(key, dtype)] = torch.empty(max(n, 1), dtype=dtype)
+        buf = bufs[k] = torch.empty(max(n, 1), dtype=dtype)
     return buf[:n].view(shape)
 
 
