@@ -29,8 +29,9 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 8 columns for the shapes below: several tiles per chunk, the last one partial."""
-    monkeypatch.setattr(tiles, "TILE_BYTES", 4 * 256 * 8)
+    """Tiles of 64 columns x 32 rows for the shapes below: several tiles per chunk both ways (and per
+    row block), the last ones partial."""
+    monkeypatch.setattr(tiles, "TILE_BYTES", 4 * 64 * 32)
 
 
 def all_int8_columns(n: int, seed: int = 0) -> np.ndarray:

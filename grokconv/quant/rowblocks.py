@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ._blocks import F32_TINY, ZERO_SCALE
-from .tiles import scratch, tile_columns
+from .tiles import scratch, tile_columns, tile_rows
 
 __all__ = ["quantize_rowblocks", "dequantize_rowblocks", "ROWBLOCK_QMAX"]
 
@@ -143,17 +143,22 @@ def dequantize_rowblocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
         out.copy_(x[0].t() if transpose else x)
         return result
     t = tile_columns(K)
-    tmp = scratch("dequantize_rowblocks.x", (K, t), torch.float32)
-    tt = scratch("dequantize_rowblocks.t", (t, K), torch.float32) if transpose and dtype != torch.float32 else None
+    blk = K // groups
+    kt = max(1, min(blk, tile_rows(t)))  # tall weights are cut along K too (never across a row block)
+    tmp = scratch("dequantize_rowblocks.x", (kt, t), torch.float32)
+    tt = scratch("dequantize_rowblocks.t", (t, kt), torch.float32) if transpose and dtype != torch.float32 else None
     for i in range(L):
         for c0 in range(0, N, t):
             c1 = min(N, c0 + t)
-            x = tmp[:, :c1 - c0].copy_(w[i, :, c0:c1])
-            x.view(groups, K // groups, c1 - c0).mul_(s[i, :, None, c0:c1].to(torch.float32))
-            if not transpose:
-                out[i, :, c0:c1].copy_(x)
-            elif tt is None:
-                out[c0:c1].copy_(x.t())
-            else:                          # transpose in float32 (fast), then round contiguous rows
-                out[c0:c1].copy_(tt[:c1 - c0].copy_(x.t()))
+            for g in range(groups):
+                sg = s[i, g, c0:c1].to(torch.float32)
+                for k0 in range(g * blk, (g + 1) * blk, kt):
+                    k1 = min((g + 1) * blk, k0 + kt)
+                    x = tmp[:k1 - k0, :c1 - c0].copy_(w[i, k0:k1, c0:c1]).mul_(sg)
+                    if not transpose:
+                        out[i, k0:k1, c0:c1].copy_(x)
+                    elif tt is None:
+                        out[c0:c1, k0:k1].copy_(x.t())
+                    else:                  # transpose in float32 (fast), then round contiguous runs
+                        out[c0:c1, k0:k1].copy_(tt[:c1 - c0, :k1 - k0].copy_(x.t()))
     return result

@@ -11,10 +11,10 @@ import threading
 
 import torch
 
-__all__ = ["TILE_BYTES", "tile_columns", "transpose_int8", "scratch"]
+__all__ = ["TILE_BYTES", "tile_columns", "tile_rows", "transpose_int8", "scratch"]
 
 TILE_BYTES = 3 << 19          # 1.5 MiB of float32 per tile: 64 columns of a 6144-row weight
-_MIN_TILE = 8
+_MIN_TILE = 64                # columns: a whole 64-byte cache line of every int8 row read
 
 
 _LOCAL = threading.local()
@@ -38,10 +38,15 @@ def scratch(key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 
 def tile_columns(rows: int, multiple: int = 1) -> int:
-    """Columns per tile of a ``[rows, n]`` source: about ``TILE_BYTES`` of float32, a multiple of ``multiple``
-    (``_MIN_TILE`` at least; at least one ``multiple``)."""
+    """Columns per tile of a ``[rows, n]`` source: about ``TILE_BYTES`` of float32, at least ``_MIN_TILE``
+    (a strided int8 read then uses every byte of each cache line it loads), a multiple of ``multiple``."""
     t = max(_MIN_TILE, TILE_BYTES // (4 * max(1, rows)) // _MIN_TILE * _MIN_TILE)
     return max(multiple, t // multiple * multiple)
+
+
+def tile_rows(cols: int, itemsize: int = 4) -> int:
+    """Rows per tile of ``cols`` columns: about ``TILE_BYTES`` (tall sources are cut both ways)."""
+    return max(1, TILE_BYTES // (itemsize * max(1, cols)))
 
 
 @torch.no_grad()
@@ -54,11 +59,14 @@ def transpose_int8(q: torch.Tensor) -> torch.Tensor:
     if q.device.type != "cpu":
         return q.t().contiguous()
     out = torch.empty(R, K, dtype=q.dtype)
-    t = tile_columns(K) * 2        # int16 is half the bytes of float32
-    a = scratch("transpose_int8.a", (K, t), torch.int16)
-    b = scratch("transpose_int8.b", (t, K), torch.int16)
+    t = tile_columns(K // 2)             # int16 is half the bytes of float32
+    kt = max(1, min(K, tile_rows(t, 2)))
+    a = scratch("transpose_int8.a", (kt, t), torch.int16)
+    b = scratch("transpose_int8.b", (t, kt), torch.int16)
     for c0 in range(0, R, t):
         c1 = min(R, c0 + t)
-        x = a[:, :c1 - c0].copy_(q[:, c0:c1])
-        out[c0:c1].copy_(b[:c1 - c0].copy_(x.t()))
+        for k0 in range(0, K, kt):
+            k1 = min(K, k0 + kt)
+            x = a[:k1 - k0, :c1 - c0].copy_(q[k0:k1, c0:c1])
+            out[c0:c1, k0:k1].copy_(b[:c1 - c0, :k1 - k0].copy_(x.t()))
     return out
