@@ -197,8 +197,8 @@ def main():
         write = ph.get("write", 0.0)
         other = max(0.0, work - read - tf - write)
         split = {"read": read, "transform": tf + other, "write": write}
-        bound = max(split, key=split.get)
-        prof = "/".join(f"{100 * v / work:.0f}" for v in split.values()) + " %"
+        bound = max(split, key=split.get) if ph else "n/a"
+        prof = "/".join(f"{100 * v / work:.0f}" for v in split.values()) + " %" if ph else "(this writer times no phases)"
         print(f"{r['case']:<12} {r['workers']:>2} {r['sec']:8.1f} {r['moved'] / 1e9:8.2f} {r['rate'] / 1e6:6.0f} "
               f"{r['rate'] / cp_rate:5.2f} {gib(r['rss']):7.2f} G {bound:>9}  {prof:<36} "
               f"{hms(r['sec'] * RELEASE_BYTES / size):>15}  {r['load']:.1f}")
