@@ -72,9 +72,8 @@ def test_guard_refuses_another_runs_output_and_overwrite_replaces_it(tmp_path):
     out = tmp_path / "out"
     fa = make_fingerprint("w", src, seed=0)
     with _guard(out, fa) as g:
-        with atomic_write(out / "a.bin") as f:
+        with atomic_write(out / "a.bin", durable=lambda n: g.done(out / "a.bin", n)) as f:
             f.write(b"A")
-        g.done(out / "a.bin")
         g.finish()
     with _guard(out, fa) as g:                            # the same run again: its file is complete
         assert g.is_complete(out / "a.bin")
@@ -99,9 +98,8 @@ def test_a_renamed_file_not_in_the_journal_is_not_complete(tmp_path):
     out = tmp_path / "out"
     fp = make_fingerprint("w", None, n=1)
     with _guard(out, fp) as g:
-        with atomic_write(out / "a.bin") as f:
+        with atomic_write(out / "a.bin", durable=lambda n: g.done(out / "a.bin", n)) as f:
             f.write(b"A" * 10)
-        g.done(out / "a.bin")
         (out / "b.bin").write_bytes(b"\0" * 10)            # renamed, payload lost
     with _guard(out, fp) as g:
         assert g.resumed

@@ -77,9 +77,10 @@ def raise_if_disk_full(exc: BaseException, path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode: str = "wb"):
+def atomic_write(path, mode: str = "wb", durable=None):
     """Yield a file opened on a temporary name (:func:`temp_path`); on success its bytes are fsync'd,
-    it is renamed to ``path`` and the directory is fsync'd.
+    ``durable(size)`` is called (a guarded output's journal: :meth:`OutputGuard.done`), it is renamed
+    to ``path`` and the directory is fsync'd.
 
     On any exception the temporary file is removed, so a killed or failed run never leaves a
     file under its final name. (A SIGKILL leaves ``*.incomplete``, which readers ignore.) A full
@@ -96,7 +97,10 @@ def atomic_write(path, mode: str = "wb"):
         yield f
         f.flush()
         os.fsync(f.fileno())
+        size = os.fstat(f.fileno()).st_size
         f.close()
+        if durable is not None:
+            durable(size)
         durable_replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):   # closing flushes: on a full disk that fails again

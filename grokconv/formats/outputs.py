@@ -9,8 +9,8 @@ durably in place, and :meth:`OutputGuard.finish` at the end::
         for f in files:
             if g.is_complete(dst / f, lambda p: header_matches(p)):
                 continue
-            write(dst / f)            # atomic.atomic_write / write_planned: fsync, rename, fsync dir
-            g.done(dst / f)
+            with atomic_write(dst / f, durable=lambda n: g.done(dst / f, n)) as fh:
+                fh.write(...)         # fsync, journal line, rename, fsync dir
         g.finish()
 
 State lives in ``DIR/.grokconv/`` (``DIR`` is the output directory, or the directory of a file output
@@ -18,9 +18,10 @@ such as ``model.gguf``; ``key`` names the output there):
 
 - ``KEY.json``: the fingerprint (written durably before any output file) and, once finished, the
   finished files and their sizes. Deterministic: a resumed run leaves the same bytes as a fresh one.
-- ``KEY.journal``: one line per file made durable during an unfinished run (fsync'd after the file and
-  its directory). A file under its final name but not in the journal (a power loss between the rename
-  and the data reaching the disk) is not trusted, whatever its size and header say.
+- ``KEY.journal``: one line per file made durable during an unfinished run, appended (and fsync'd)
+  after the file's bytes are fsync'd and before its rename. A file under its final name but not in the
+  journal (a power loss that kept the rename and lost the data) is not trusted, whatever its size and
+  header say.
 - ``KEY.lock``: the holder's pid and host. A second run stops naming it; a dead holder's lock is taken over.
 
 A fingerprint is the writer's name, the source (per file: name, size, and the sha256 of its first and
@@ -337,9 +338,12 @@ class OutputGuard:
             return False
         return check is None or bool(check(path))
 
-    def done(self, path) -> None:
-        """Record ``path`` (already renamed into place, file and directory fsync'd) as finished."""
-        name, size = self._name(path), Path(path).stat().st_size
+    def done(self, path, size: int) -> None:
+        """Record that ``path`` is finished with ``size`` bytes. Call it when its bytes are fsync'd under
+        the temporary name and before the rename (``write_planned(before_rename=...)``,
+        ``atomic_write(durable=...)``): a file under its final name but absent from the journal is then
+        never trusted, and one in the journal had its bytes on disk before its name."""
+        name = self._name(path)
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, self._journal_line(name, size).encode())
