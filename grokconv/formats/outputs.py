@@ -196,6 +196,8 @@ class OutputGuard:
         self.journal_path = state / f"{key}.journal"
         self.lock_path = state / f"{key}.lock"
         self._locked = False
+        self._finished = False
+        self._created = False      # this run wrote the record (and may remove it if it finishes nothing)
         self._done: dict[str, int] = {}
         self.resumed = False       # an unfinished run of this fingerprint was found
 
@@ -300,6 +302,7 @@ class OutputGuard:
             self.resumed = True
         else:
             atomic_write_text(self.record_path, self._record_text(complete=False))
+            self._created = True
 
     def _record_text(self, complete: bool) -> str:
         rec = {"grokconv_output": 1, "fingerprint": self.fp.to_dict(), "digest": self.fp.digest,
@@ -355,10 +358,15 @@ class OutputGuard:
     def finish(self) -> None:
         """The output is whole: the record lists every finished file; the journal goes."""
         atomic_write_text(self.record_path, self._record_text(complete=True))
+        self._finished = True
         self.journal_path.unlink(missing_ok=True)
         fsync_dir(self.record_path.parent)
 
     def close(self) -> None:
+        """Release the lock. A run that ends (or fails) before any file was finished leaves no state."""
+        if self._locked and self._created and not self._finished and not self._done:
+            self.journal_path.unlink(missing_ok=True)
+            self.record_path.unlink(missing_ok=True)
         if self._locked:
             self._locked = False
             if self._holder() == (os.getpid(), socket.gethostname()):
