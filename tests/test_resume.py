@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 from grokconv.cli import main
 
-KILLS = int(os.environ.get("RESUME_KILLS", 1))
+KILLS = int(os.environ.get("RESUME_KILLS", 3))      # kill points per writer, drawn from RESUME_SEED
 SEED = int(os.environ.get("RESUME_SEED", 0))
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,8 @@ RESUMABLE = [
               "hub", ".grokconv/manifest.json", volatile=(".grokconv/verified.jsonl",)),
     Resumable("to-gguf", ("to-gguf", "{src}", "{dst}/model.gguf", "--workers", "1", "--no-progress"), "jax",
               "model.gguf"),
+    Resumable("synth", ("synth", "{dst}", "--preset", "tiny", "--seed", "5", "--no-progress"),
+              "none", "grokconv-config.json"),
 ]
 
 
@@ -84,7 +86,7 @@ def sources(small_ckpt, tmp_path_factory, hub):
     int8 = tmp_path_factory.mktemp("int8")
     from grokconv.convert import to_safetensors
     to_safetensors(small_ckpt, int8, quantize="int8", progress=False)   # lossless: to-jax gives the release's bytes
-    return {"jax": small_ckpt, "int8": int8, "hub": None}
+    return {"jax": small_ckpt, "int8": int8, "hub": None, "none": None}
 
 
 def _env(hub) -> dict:
