@@ -33,12 +33,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
 
 from . import __version__
 from .config import CONFIG_FILE, GrokConfig, load_preset
-from .errors import CheckpointFormatError, DownloadError
+from .errors import DownloadError
 from .formats.atomic import atomic_write, atomic_write_text
+from .hub.manifest import MANIFEST, MANIFEST_VERSION, STATE_DIR, is_sha256, read_manifest, safe_relpath
+from .hub.progress import Progress
+from .hub.verify import VerifyReport, verify_dir
 from .schema import files_for_layers, param_specs
 from .units import format_bytes as _format_bytes
 
@@ -55,11 +57,8 @@ TOKENIZER_FILE = "tokenizer.model"
 ORIGINAL_TOKENIZER_SHA256 = "5c69d7cbad192fa2c9d14e2a77fbfdc11597c68907b043ddb0260e3d28eddd7f"  # 2,229,219 bytes
 
 CKPT_DIR = "ckpt-0"
-STATE_DIR = ".grokconv"
-MANIFEST = f"{STATE_DIR}/manifest.json"
 _LEDGER = f"{STATE_DIR}/verified.jsonl"
 _PARTIAL = f"{STATE_DIR}/partial"
-_MANIFEST_VERSION = 1
 _READ_CHUNK = 8 << 20
 _CKPT_FILE_RE = re.compile(r"tensor\d{5}_\d{3}")
 
@@ -231,7 +230,7 @@ class _Ledger:
                     rec = json.loads(line)
                 except ValueError:
                     continue  # a line torn by a kill
-                if isinstance(rec, dict) and _safe_relpath(rec.get("path")):
+                if isinstance(rec, dict) and safe_relpath(rec.get("path")):
                     self.entries[rec["path"]] = rec   # only trusted when size, mtime and oid all match
 
     def is_verified(self, f: RemoteFile, final: Path) -> bool:
@@ -305,106 +304,24 @@ def _check_present(f: RemoteFile, final: Path, ledger: _Ledger) -> bool:
     return True
 
 
-def read_manifest(directory) -> dict | None:
-    """The directory's manifest, every field checked (None when there is none)."""
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        m = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as e:    # JSONDecodeError, UnicodeDecodeError, absurd nesting
-        detail = str(e).splitlines()[0] if isinstance(e, ValueError) and str(e) else type(e).__name__
-        raise CheckpointFormatError(f"not a grokconv download manifest: {detail}", path=path) from None
-    problem = _manifest_problem(m)
-    if problem:
-        raise CheckpointFormatError(f"not a grokconv download manifest: {problem}", path=path,
-                                    hint="delete it and re-run `grokconv download` with the same options: "
-                                         "files present are hashed, not fetched again")
-    return m
-
-
-def _is_sha256(v) -> bool:
-    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
-
-
-def _is_str(v) -> bool:
-    return isinstance(v, str) and len(v) <= 4096
-
-
-def _safe_relpath(p) -> bool:
-    """A path inside the download directory: relative, no '..', no empty or dot parts."""
-    return (_is_str(p) and p != "" and not p.startswith("/") and "\\" not in p and "\0" not in p
-            and all(part not in ("", ".", "..") for part in p.split("/")))
-
-
-def _manifest_problem(m) -> str | None:
-    """What is wrong with a parsed manifest, or None."""
-    if not isinstance(m, dict):
-        return "not a JSON object"
-    if m.get("grokconv_manifest") != _MANIFEST_VERSION or type(m.get("grokconv_manifest")) is not int:
-        return f"grokconv_manifest is {str(m.get('grokconv_manifest'))[:20]}, expected {_MANIFEST_VERSION}"
-    for key in ("repo", "revision", "commit"):
-        if not _is_str(m.get(key)) or not m.get(key):
-            return f"{key} is not a string"
-    if not re.fullmatch(r"[0-9a-f]{40}", m["commit"]):
-        return f"commit {m['commit'][:50]!r} is not 40 hex digits"
-    for key in ("endpoint", "tokenizer"):
-        if m.get(key) is not None and not _is_str(m.get(key)):
-            return f"{key} is not a string"
-    if not isinstance(m.get("complete"), bool):
-        return "complete is not true or false"
-    layers = m.get("layers")
-    if layers is not None and not (isinstance(layers, list) and all(type(x) is int and x >= 0 for x in layers)):
-        return "layers is neither null nor a list of layer numbers"
-    files = m.get("files")
-    if not isinstance(files, list):
-        return "no file list"
-    seen = set()
-    for i, e in enumerate(files):
-        if not isinstance(e, dict):
-            return f"files[{i}] is not an object"
-        unknown = sorted(set(e) - {"path", "size", "sha256", "repo", "commit", "source"})
-        lacking = sorted({"path", "size", "sha256"} - set(e))
-        if unknown or lacking:
-            return f"files[{i}] has an unknown field {unknown[0][:40]!r}" if unknown else \
-                f"files[{i}] lacks {lacking[0]!r}"
-        p = e.get("path")
-        if not _safe_relpath(p):
-            return f"files[{i}].path {str(p)[:60]!r} is not a relative path inside the directory"
-        if p in seen:
-            return f"{p} is listed twice"
-        seen.add(p)
-        if type(e.get("size")) is not int or e["size"] < 0:
-            return f"{p}: size {str(e.get('size'))[:20]} is not a byte count"
-        sha = e.get("sha256")
-        if sha is not None and not _is_sha256(sha):
-            return f"{p}: sha256 {str(sha)[:70]!r} is not 64 hex digits"
-        for key in ("repo", "commit", "source"):
-            if key in e and not (e[key] is None or _is_str(e[key])):
-                return f"{p}: {key} is not a string"
-        if e.get("commit") and not re.fullmatch(r"[0-9a-f]{40}", e["commit"]):
-            return f"{p}: commit {e['commit'][:50]!r} is not 40 hex digits"
-    return None
-
-
 def _write_manifest(directory: Path, plan: DownloadPlan, ledger: _Ledger, complete: bool) -> None:
     """Merge this plan into the directory's manifest (earlier layer slices stay listed)."""
     old = read_manifest(directory) or {}
     entries = {e["path"]: e for e in old.get("files", [])}
     for f in plan.files:
         rec = ledger.entries.get(f.path)
-        sha = f.sha256 or (rec.get("sha256") if rec and rec.get("oid") == f.oid and _is_sha256(rec.get("sha256"))
+        sha = f.sha256 or (rec.get("sha256") if rec and rec.get("oid") == f.oid and is_sha256(rec.get("sha256"))
                            else None)
         entries[f.path] = {"path": f.path, "size": f.size, "sha256": sha, "repo": f.repo, "commit": f.commit}
     if plan.tokenizer_path is not None:
         rec = ledger.entries.get(TOKENIZER_FILE)
-        if rec and _is_sha256(rec.get("sha256")) and type(rec.get("size")) is int:
+        if rec and is_sha256(rec.get("sha256")) and type(rec.get("size")) is int:
             entries[TOKENIZER_FILE] = {"path": TOKENIZER_FILE, "size": rec["size"], "sha256": rec["sha256"],
                                        "source": str(plan.tokenizer_path)}
     had_all = "layers" in old and old["layers"] is None
     layers = None if had_all or plan.layers is None else sorted(set(old.get("layers") or []) | set(plan.layers))
     manifest = {
-        "grokconv_manifest": _MANIFEST_VERSION, "repo": plan.repo, "revision": plan.revision,
+        "grokconv_manifest": MANIFEST_VERSION, "repo": plan.repo, "revision": plan.revision,
         "commit": plan.commit, "endpoint": plan.endpoint, "layers": layers,
         "tokenizer": plan.tokenizer or old.get("tokenizer"), "complete": complete,
         "files": sorted(entries.values(), key=lambda e: e["path"]),
@@ -414,26 +331,6 @@ def _write_manifest(directory: Path, plan: DownloadPlan, ledger: _Ledger, comple
 
 
 # ------------------------------------------------------------------------------------------ fetch
-
-class _Progress:
-    """A byte bar that several threads advance (tqdm's own counter is not thread-safe)."""
-
-    def __init__(self, total: int, desc: str, progress: bool | None, initial: int = 0):
-        self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=desc,
-                        disable=None if progress is None else not progress)
-        self.lock = threading.Lock()
-
-    def update(self, n: int) -> None:
-        with self.lock:
-            self.bar.update(n)
-
-    def note(self, text: str) -> None:
-        with self.lock:
-            self.bar.set_postfix_str(text, refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-
 
 class _Cancelled(Exception):
     """Another transfer failed or the run was interrupted: stop this one (its part file stays)."""
@@ -524,7 +421,7 @@ class _Fetcher:
             raise DownloadError(f"not enough disk space in {self.dir}: {format_bytes(need)} to fetch, "
                                 f"{format_bytes(free)} free", hint="free space or choose another --dir; "
                                 "finished files are kept and a re-run resumes")
-        self.bar = _Progress(sum(f.size for f in files), "download", self.progress, initial=resumed)
+        self.bar = Progress(sum(f.size for f in files), "download", self.progress, initial=resumed)
         from huggingface_hub.utils import build_hf_headers
         self.headers = build_hf_headers(token=self.token, library_name="grokconv", library_version=__version__)
         try:
@@ -726,104 +623,3 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
             (directory / _PARTIAL).rmdir()  # empty once every transfer finished
     result.seconds = time.monotonic() - started
     return result
-
-
-# ----------------------------------------------------------------------------------------- verify
-
-@dataclass
-class VerifyReport:
-    kind: str                  # "manifest" or "safetensors"
-    source: str                # what was checked against, in words
-    files: int = 0
-    bytes: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-def verify_dir(directory, *, workers: int = 4, progress: bool | None = None) -> VerifyReport:
-    """Check a directory after the fact.
-
-    A grokconv download: every file of its manifest, size and sha256. Otherwise a safetensors
-    checkpoint: every shard its index names exists, its header parses and tiles the file, and holds
-    the tensors the index assigns it (without an index, every ``*.safetensors`` file's header).
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory")
-    m = read_manifest(directory)
-    if m is not None:
-        return _verify_manifest(directory, m, workers, progress)
-    if any(directory.glob("*.safetensors")) or any(directory.glob("*.safetensors.index.json")):
-        return _verify_safetensors(directory)
-    raise CheckpointFormatError(f"nothing to verify: no {MANIFEST} and no *.safetensors files", path=directory,
-                                hint="a download without a manifest is checked by re-running "
-                                     "`grokconv download --dir DIR` (finished files are hashed, not fetched)")
-
-
-def _verify_manifest(directory: Path, m: dict, workers: int, progress: bool | None) -> VerifyReport:
-    report = VerifyReport("manifest", f"{m.get('repo')}@{m.get('revision')} ({str(m.get('commit'))[:12]})")
-    entries = m["files"]
-    report.files = len(entries)
-    report.bytes = sum(e["size"] for e in entries)
-    bar = _Progress(report.bytes, "verify", progress)
-
-    def check(e: dict) -> str | None:
-        path = directory / e["path"]
-        if not path.is_file():
-            return f"{e['path']}: missing (listed in {MANIFEST})"
-        size = path.stat().st_size
-        if size != e["size"]:
-            bar.update(e["size"])
-            return f"{e['path']}: size {size:,} bytes, expected {e['size']:,} ({MANIFEST})"
-        if not e.get("sha256"):
-            bar.update(size)
-            return f"{e['path']}: no sha256 recorded in {MANIFEST} (its download never finished)"
-        sha = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_READ_CHUNK):
-                sha.update(chunk)
-                bar.update(len(chunk))
-        got = sha.hexdigest()
-        return None if got == e["sha256"] else f"{e['path']}: sha256 {got}, expected {e['sha256']} ({MANIFEST})"
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            report.problems = [p for p in pool.map(check, entries) if p]
-    finally:
-        bar.close()
-    return report
-
-
-def _verify_safetensors(directory: Path) -> VerifyReport:
-    from .formats.safetensors_io import read_header
-    indexes = sorted(directory.glob("*.safetensors.index.json"))
-    report = VerifyReport("safetensors", ", ".join(p.name for p in indexes) or "shard headers (no index)")
-    wanted: dict[str, set[str]] = {}
-    for index in indexes:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            report.problems.append(f"{index.name}: not a safetensors index ({type(e).__name__}: {e})")
-            continue
-        for name, shard in weight_map.items():
-            wanted.setdefault(shard, set()).add(name)
-    if not indexes:
-        wanted = {p.name: set() for p in sorted(directory.glob("*.safetensors"))}
-    for shard, names in sorted(wanted.items()):
-        path = directory / shard
-        if not path.is_file():
-            report.problems.append(f"{shard}: missing ({len(names)} tensors of the index are in it)")
-            continue
-        report.files += 1
-        report.bytes += path.stat().st_size
-        try:
-            keys = set(read_header(path)[0])  # every format rule, reads no tensor data
-        except CheckpointFormatError as e:
-            report.problems.append(str(e))
-            continue
-        if names - keys:
-            report.problems.append(f"{shard}: lacks {len(names - keys)} tensor(s) the index puts there, "
-                                   f"first {sorted(names - keys)[0]}")
-        if indexes and keys - names:
-            report.problems.append(f"{shard}: holds {len(keys - names)} tensor(s) the index does not list, "
-                                   f"first {sorted(keys - names)[0]}")
-    return report

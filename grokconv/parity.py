@@ -11,7 +11,6 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch

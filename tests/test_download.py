@@ -365,3 +365,33 @@ def test_tokenizer_from_a_local_file_or_a_git_stored_one(hub, tmp_path, monkeypa
 def test_bad_layer_range_is_a_usage_error(tmp_path):
     res = cli("download", "--preset", "tiny", "--layers", "0-12", "--dir", str(tmp_path / "ck"))
     assert res.exit_code == 2 and "layers [12] out of range" in res.output
+
+
+# -- issue 17: verify validates every index shape and never crashes ----------------------------------------
+@pytest.mark.parametrize("weight_map", [["m-1.safetensors"], {"a": ["m-1.safetensors"]}, {"a": 1}, {"a": None},
+                                        {}, "m-1.safetensors", {"a": "../m-1.safetensors"}, {"a": {"b": "c"}}],
+                         ids=["list", "name-to-list", "name-to-number", "name-to-null", "empty", "string",
+                              "outside", "name-to-object"])
+def test_verify_refuses_every_index_shape_with_one_error(tmp_path, weight_map):
+    from safetensors.numpy import save_file
+    save_file({"a": np.zeros((2, 3), np.float32)}, tmp_path / "m-1.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    res = cli("verify", str(tmp_path))
+    assert res.exit_code == 2 and "Traceback" not in res.output and isinstance(res.exception, SystemExit), res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and str(index) in errors[0], res.output
+    assert "weight_map" in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("text", ["[]", "1", '"x"', "{", "\xff", '{"weight_map": {"a": "m-1.safetensors"}, '
+                                  '"metadata": []}'], ids=["list", "number", "string", "cut", "bytes", "metadata"])
+def test_verify_refuses_a_broken_index_file(tmp_path, text):
+    from safetensors.numpy import save_file
+    save_file({"a": np.zeros((2, 3), np.float32)}, tmp_path / "m-1.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_bytes(text.encode("latin-1"))
+    res = cli("verify", str(tmp_path))
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    assert res.exit_code == 2 and len(errors) == 1 and str(index) in errors[0] and "Traceback" not in res.output, \
+        res.output
