@@ -1,26 +1,26 @@
 """Fetch Grok-1 from the Hugging Face hub into the layout grokconv reads (``DIR/ckpt-0/tensorNNNNN_000``).
 
 Metadata comes from ``HfApi`` (the commit a revision names, each file's size and LFS sha256); bytes
-come through huggingface_hub's own ``http_get`` (its Range requests, retries and redirects). Two
-things huggingface_hub does not do are done here:
+come through ``huggingface_hub.hf_hub_download`` (public API: Xet storage through ``hf_xet`` when the
+hub serves it, its retries, auth and proxies, as ``hf download`` has them), pinned to the commit, into
+``DIR/.grokconv/staging`` (its ``local_dir``). What grokconv adds on top:
 
-- **Cross-run resume.** huggingface_hub >= 1.18 deletes its temporary file when a transfer fails, so
-  a killed run starts every file again. Here bytes go to ``DIR/.grokconv/partial/<sha256>.part``,
-  which a re-run continues with ``Range: bytes=N-``; files finished and verified earlier are listed
-  in ``DIR/.grokconv/verified.jsonl`` (path, size, mtime, hash) and are not read or fetched again.
-- **Content verification.** huggingface_hub checks sizes only. Here every file is hashed while it
-  is written and compared with the hub's LFS sha256 (the git blob sha1 for files not in LFS) before
-  it is renamed to its final name: a file under its final name is always whole and verified. A file
-  that fails is fetched once more, then the run stops with an error naming it.
+- **The layer plan**: only the files a slice of layers needs (``--layers``), listed with ``--dry-run``.
+- **Content verification.** Every fetched file is hashed and compared with the hub's LFS sha256 (the
+  git blob sha1 for files not in LFS) before it is fsync'd and renamed to its final name: a file
+  under its final name is always whole and verified. A file that fails is fetched once more
+  (``force_download``), then the run stops with an error naming it.
+- **Resume by file.** Files finished and verified earlier are listed in ``DIR/.grokconv/verified.jsonl``
+  (path, size, mtime, hash) and are neither read nor fetched again. A file cut by a kill starts over:
+  huggingface_hub >= 2 writes each transfer to a temporary name unique to the process and deletes it
+  on failure, so there is no cross-run byte resume (see README).
 
 ``DIR/.grokconv/manifest.json`` (path, size, sha256, repo, commit of every file) is written when the
-plan is made, marked complete at the end, and is what :func:`verify_dir` checks later.
+plan is made, marked complete at the end, and is what ``grokconv verify`` checks later (``hub/``).
 HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are read when a function is called, not at import.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -37,7 +37,7 @@ from pathlib import Path
 from . import __version__
 from .config import CONFIG_FILE, GrokConfig, load_preset
 from .errors import DownloadError
-from .formats.atomic import atomic_write, atomic_write_text
+from .formats.atomic import atomic_write, atomic_write_text, disk_full, durable_replace
 from .hub.manifest import MANIFEST, MANIFEST_VERSION, STATE_DIR, is_sha256, read_manifest, safe_relpath
 from .hub.progress import Progress
 from .hub.verify import VerifyReport, verify_dir
@@ -58,7 +58,7 @@ ORIGINAL_TOKENIZER_SHA256 = "5c69d7cbad192fa2c9d14e2a77fbfdc11597c68907b043ddb02
 
 CKPT_DIR = "ckpt-0"
 _LEDGER = f"{STATE_DIR}/verified.jsonl"
-_PARTIAL = f"{STATE_DIR}/partial"
+_STAGING = f"{STATE_DIR}/staging"      # hf_hub_download's local_dir: files land here before their check
 _READ_CHUNK = 8 << 20
 _CKPT_FILE_RE = re.compile(r"tensor\d{5}_\d{3}")
 
@@ -161,7 +161,7 @@ def _hub_error(e: Exception, repo: str, revision: str, endpoint: str, token: str
         status = e.response.status_code if getattr(e, "response", None) is not None else "?"
         return DownloadError(f"the hub answered HTTP {status} for {where}" + (f" ({path})" if path else ""),
                              hint="retry later; finished files are kept and a re-run resumes")
-    if isinstance(e, _transport_errors()):
+    if isinstance(e, (hfe.LocalEntryNotFoundError, *_transport_errors())):   # hf_hub_download: no connection
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         return DownloadError(f"cannot reach {endpoint}: {detail}",
                              hint="check the network or HF_ENDPOINT; a re-run resumes where this one stopped, "
@@ -332,12 +332,8 @@ def _write_manifest(directory: Path, plan: DownloadPlan, ledger: _Ledger, comple
 
 # ------------------------------------------------------------------------------------------ fetch
 
-class _Cancelled(Exception):
-    """Another transfer failed or the run was interrupted: stop this one (its part file stays)."""
-
-
 class _SilentBar:
-    """Stands in for huggingface_hub's per-file bar: bytes are counted once, on the run's bar."""
+    """Stands in for huggingface_hub's per-file bar (``tqdm_class``): the run has one bar of its own."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -354,76 +350,38 @@ class _SilentBar:
     def close(self):
         pass
 
-
-class _PartWriter:
-    """The file object given to ``http_get``: appends to the part file, hashing and counting as it goes."""
-
-    def __init__(self, fh, path: Path, digest: _Digest, bar, cancel: threading.Event):
-        self.fh, self.path, self.digest, self.bar, self.cancel = fh, path, digest, bar, cancel
-        self.fetched = 0
-
-    def write(self, data) -> int:
-        if self.cancel.is_set():
-            raise _Cancelled()
-        self.fh.write(data)
-        self.digest.update(data)
-        self.fetched += len(data)
-        self.bar.update(len(data))
-        return len(data)
-
-    def tell(self) -> int:
-        return self.fh.tell()
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self.fh.seek(pos, whence)
-
-    def truncate(self, size: int | None = None) -> int:
-        # http_get cuts back to where its download began when a server ignores Range (200, not 206).
-        keep = self.fh.tell() if size is None else size
-        self.fh.flush()
-        dropped = os.fstat(self.fh.fileno()).st_size - keep
-        self.fh.truncate(keep)
-        self.digest.reset()
-        self.digest.feed_file(self.path, keep)
-        self.bar.update(-dropped)
-        return keep
+    def set_description(self, *args, **kwargs):
+        pass
 
 
 class _Fetcher:
+    """Each file through ``huggingface_hub.hf_hub_download`` into ``DIR/.grokconv/staging`` (its
+    ``local_dir``), then hashed against the hub's LFS sha256 (or git blob sha1) and renamed to its final
+    name; a file that fails is fetched once more (``force_download``), then the run stops."""
+
     def __init__(self, directory: Path, plan: DownloadPlan, token: str | None, ledger: _Ledger, workers: int,
                  progress: bool | None):
         self.dir, self.plan, self.token, self.ledger = directory, plan, token, ledger
         self.workers, self.progress = workers, progress
-        self.partial = directory / _PARTIAL
-        self.cancel = threading.Event()
+        self.staging = directory / _STAGING
         self.lock = threading.Lock()
         self.fetched_bytes = 0
         self.fetched_files = 0
         self.retried: list[str] = []
         self.bar = None
 
-    def _part(self, f: RemoteFile) -> Path:
-        return self.partial / f"{f.oid}.part"
-
-    def part_bytes(self, f: RemoteFile) -> int:
-        part = self._part(f)
-        return min(part.stat().st_size, f.size) if part.exists() else 0
-
     def run(self, files: list[RemoteFile]) -> None:
-        self.partial.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
         for f in files:
             (self.dir / f.path).parent.mkdir(parents=True, exist_ok=True)
-        resumed = sum(self.part_bytes(f) for f in files)
         maybe_present = sum(f.size for f in files if (self.dir / f.path).is_file())
-        need = sum(f.size for f in files) - resumed - maybe_present
+        need = sum(f.size for f in files) - maybe_present
         free = shutil.disk_usage(self.dir).free
         if need > free:
             raise DownloadError(f"not enough disk space in {self.dir}: {format_bytes(need)} to fetch, "
                                 f"{format_bytes(free)} free", hint="free space or choose another --dir; "
                                 "finished files are kept and a re-run resumes")
-        self.bar = Progress(sum(f.size for f in files), "download", self.progress, initial=resumed)
-        from huggingface_hub.utils import build_hf_headers
-        self.headers = build_hf_headers(token=self.token, library_name="grokconv", library_version=__version__)
+        self.bar = Progress(sum(f.size for f in files), "download", self.progress)
         try:
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
                 futures = [pool.submit(self._fetch_one, f) for f in sorted(files, key=lambda f: -f.size)]
@@ -432,7 +390,6 @@ class _Fetcher:
                         fut.result()
                         self.bar.note(f"{done}/{len(files)} files")
                 except BaseException:
-                    self.cancel.set()
                     for fut in futures:
                         fut.cancel()
                     raise
@@ -444,60 +401,56 @@ class _Fetcher:
         if _check_present(f, final, self.ledger):  # there already (an earlier tool, or a killed rename)
             self.bar.update(f.size)
             return
-        part = self._part(f)
         try:
             for attempt in (1, 2):
-                problem, sha256 = self._transfer(f, part)
+                staged = self._transfer(f, force=attempt > 1)
+                digest = _Digest(f)
+                digest.feed_file(staged)
+                problem = digest.problem(staged.stat().st_size)
                 if problem is None:
-                    os.replace(part, final)
-                    self.ledger.record(f, final, sha256)
+                    with open(staged, "rb") as fh:
+                        os.fsync(fh.fileno())
+                    durable_replace(staged, final)
+                    self.ledger.record(f, final, digest.sha.hexdigest())
                     with self.lock:
                         self.fetched_files += 1
+                    self.bar.update(f.size)
                     return
-                self.bar.update(-part.stat().st_size)
-                part.unlink()
+                staged.unlink()
                 if attempt == 1:
                     with self.lock:
                         self.retried.append(f.path)
             raise DownloadError(f"{f.path} from {f.repo}@{f.commit[:12]} failed verification twice: {problem}",
                                 hint="the bytes served differ from what the hub's metadata declares (a proxy or "
                                      "mirror?); nothing unverified was kept")
-        except (_Cancelled, DownloadError):
+        except DownloadError:
             raise
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if disk_full(e) is not None:
                 raise DownloadError(f"disk full while writing {f.path} in {self.dir}",
                                     hint="free space and re-run the same command: it resumes") from None
             raise _hub_error(e, f.repo, f.commit, self.plan.endpoint, self.token, path=f.path) from None
         except Exception as e:
+            if disk_full(e) is not None:
+                raise DownloadError(f"disk full while writing {f.path} in {self.dir}",
+                                    hint="free space and re-run the same command: it resumes") from None
             raise _hub_error(e, f.repo, f.commit, self.plan.endpoint, self.token, path=f.path) from None
-        finally:
-            if part.exists() and part.stat().st_size == 0:
-                part.unlink()
 
-    def _transfer(self, f: RemoteFile, part: Path) -> tuple[str | None, str]:
-        """Bring ``part`` to the full file, resuming what an earlier run left: (what is wrong or None, sha256)."""
-        from huggingface_hub import hf_hub_url
-        from huggingface_hub.file_download import http_get
-        have = part.stat().st_size if part.exists() else 0
-        if have > f.size:
-            part.unlink()
-            have = 0
-        digest = _Digest(f)
-        if have:
-            digest.feed_file(part, have)
-        if have < f.size:
-            url = hf_hub_url(f.repo, f.path, revision=f.commit, endpoint=self.plan.endpoint)
-            with open(part, "ab") as fh:
-                writer = _PartWriter(fh, part, digest, self.bar, self.cancel)
-                try:
-                    # expected_size is left out: sizes and hashes are checked below, on the whole file.
-                    http_get(url, writer, resume_size=have, headers=self.headers, displayed_filename=f.path,
-                             tqdm_class=_SilentBar)
-                finally:
-                    with self.lock:
-                        self.fetched_bytes += writer.fetched
-        return digest.problem(part.stat().st_size), digest.sha.hexdigest()
+    def _transfer(self, f: RemoteFile, force: bool) -> Path:
+        """The file as ``hf_hub_download`` leaves it in the staging folder (Xet, retries, auth, proxies as
+        ``hf download`` has them); bytes counted as they arrive on disk."""
+        path = Path(hf_hub_download(f.repo, f.path, revision=f.commit, local_dir=self.staging,
+                                    endpoint=self.plan.endpoint or None, token=self.token, force_download=force,
+                                    library_name="grokconv", library_version=__version__, tqdm_class=_SilentBar))
+        with self.lock:
+            self.fetched_bytes += path.stat().st_size
+        return path
+
+
+def hf_hub_download(*args, **kwargs) -> str:
+    """``huggingface_hub.hf_hub_download``, imported when called (its settings are read at import)."""
+    from huggingface_hub import hf_hub_download as get
+    return get(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -619,7 +572,7 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
         plan.tokenizer = _install_tokenizer(tokenizer_path, directory, ledger)
     if not offline:
         _write_manifest(directory, plan, ledger, complete=True)
-        with contextlib.suppress(OSError):
-            (directory / _PARTIAL).rmdir()  # empty once every transfer finished
+        # hf_hub_download's own state (.cache/huggingface) and what a killed run of it left
+        shutil.rmtree(directory / _STAGING, ignore_errors=True)
     result.seconds = time.monotonic() - started
     return result

@@ -69,8 +69,8 @@ def manifest_problem(m) -> str | None:
     if layers is not None and not (isinstance(layers, list) and all(type(x) is int and x >= 0 for x in layers)):
         return "layers is neither null nor a list of layer numbers"
     files = m.get("files")
-    if not isinstance(files, list):
-        return "no file list"
+    if not isinstance(files, list) or not files:
+        return "no file list"                # a download always lists its files: an empty list would verify nothing
     seen = set()
     for i, e in enumerate(files):
         if not isinstance(e, dict):
