@@ -38,6 +38,7 @@ from . import __version__
 from .config import CONFIG_FILE, GrokConfig, load_preset
 from .errors import DownloadError
 from .formats.atomic import atomic_write, atomic_write_text, disk_full, durable_replace
+from .formats.outputs import guard_output, make_fingerprint
 from .hub.manifest import MANIFEST, MANIFEST_VERSION, STATE_DIR, is_sha256, read_manifest, safe_relpath
 from .hub.progress import Progress
 from .hub.verify import VerifyReport, verify_dir
@@ -244,6 +245,7 @@ class _Ledger:
         return rec.get("size") == st.st_size == f.size and rec.get("mtime_ns") == st.st_mtime_ns
 
     def record(self, f: RemoteFile, final: Path, sha256: str) -> None:
+        """``final`` (or the staged file about to be renamed to it: the rename keeps size and mtime)."""
         st = final.stat()
         rec = {"path": f.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "oid": f.oid, "sha256": sha256}
         with self._lock:
@@ -410,8 +412,10 @@ class _Fetcher:
                 if problem is None:
                     with open(staged, "rb") as fh:
                         os.fsync(fh.fileno())
+                    # listed first, renamed second: a kill in between leaves no final file, so no
+                    # file sits under its final name unlisted (a re-run would count it neither way)
+                    self.ledger.record(f, staged, digest.sha.hexdigest())
                     durable_replace(staged, final)
-                    self.ledger.record(f, final, digest.sha.hexdigest())
                     with self.lock:
                         self.fetched_files += 1
                     self.bar.update(f.size)
@@ -549,7 +553,19 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
         raise DownloadError(f"{directory} already holds a download of {old.get('repo')} (its {MANIFEST})",
                             hint="choose another --dir for a different repository")
     started = time.monotonic()
-    directory.mkdir(parents=True, exist_ok=True)
+    # one run at a time per directory (formats/outputs.py); layer slices of one repository accumulate
+    guard = guard_output(directory, make_fingerprint("download", None, repo=plan.repo), key="download")
+    try:
+        _fetch_into(directory, cfg, plan, ledger, result, token, workers, progress, tokenizer_path, offline)
+        guard.finish()
+    finally:
+        guard.close()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _fetch_into(directory: Path, cfg: GrokConfig, plan: DownloadPlan, ledger: _Ledger, result: DownloadResult,
+                token, workers, progress, tokenizer_path, offline) -> None:
     if cfg != load_preset("grok-1"):
         cfg.save(directory / CONFIG_FILE)  # readers take grok-1 when there is none
     present = set(result.present)
@@ -574,5 +590,3 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
         _write_manifest(directory, plan, ledger, complete=True)
         # hf_hub_download's own state (.cache/huggingface) and what a killed run of it left
         shutil.rmtree(directory / _STAGING, ignore_errors=True)
-    result.seconds = time.monotonic() - started
-    return result
