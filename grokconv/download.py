@@ -16,34 +16,29 @@ hub serves it, its retries, auth and proxies, as ``hf download`` has them), pinn
   on failure, so there is no cross-run byte resume (see README).
 
 ``DIR/.grokconv/manifest.json`` (path, size, sha256, repo, commit of every file) is written when the
-plan is made, marked complete at the end, and is what ``grokconv verify`` checks later (``hub/``).
+plan is made, marked complete at the end, and is what ``grokconv verify`` checks later. This module
+is the plan and the driver; hub calls and errors, fetching, the manifest and verify are in ``hub/``.
 HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are read when a function is called, not at import.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from . import __version__
 from .config import CONFIG_FILE, GrokConfig, load_preset
 from .errors import DownloadError
-from .formats.atomic import atomic_write, atomic_write_text, disk_full, durable_replace
+from .formats.atomic import atomic_write, atomic_write_text
 from .formats.outputs import guard_output, make_fingerprint
-from .hub.manifest import MANIFEST, MANIFEST_VERSION, STATE_DIR, is_sha256, read_manifest, safe_relpath
-from .hub.progress import Progress
+from .hub.client import HubClient, RemoteFile, format_bytes, hub_settings
+from .hub.fetch import STAGING, Fetcher, Ledger, check_present
+from .hub.manifest import MANIFEST, MANIFEST_VERSION, STATE_DIR, is_sha256, read_manifest
 from .hub.verify import VerifyReport, verify_dir
 from .schema import files_for_layers, param_specs
-from .units import format_bytes as _format_bytes
 
 __all__ = ["DEFAULT_REPO", "DEFAULT_TOKENIZER_REPO", "TOKENIZER_FILE", "ORIGINAL_TOKENIZER_SHA256", "MANIFEST",
            "RemoteFile", "DownloadPlan", "DownloadResult", "VerifyReport", "hub_settings", "plan_download",
@@ -58,41 +53,11 @@ TOKENIZER_FILE = "tokenizer.model"
 ORIGINAL_TOKENIZER_SHA256 = "5c69d7cbad192fa2c9d14e2a77fbfdc11597c68907b043ddb0260e3d28eddd7f"  # 2,229,219 bytes
 
 CKPT_DIR = "ckpt-0"
-_LEDGER = f"{STATE_DIR}/verified.jsonl"
-_STAGING = f"{STATE_DIR}/staging"      # hf_hub_download's local_dir: files land here before their check
 _READ_CHUNK = 8 << 20
 _CKPT_FILE_RE = re.compile(r"tensor\d{5}_\d{3}")
 
 
-def format_bytes(n: float) -> str:
-    """Decimal units, as the hub shows sizes: ``318.24 GB``."""
-    return _format_bytes(n, decimal=True)
-
-
-def hub_settings() -> tuple[str, str | None, bool]:
-    """(endpoint, token, offline) from the environment now; huggingface_hub reads them at import."""
-    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
-    offline = any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-                  for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return endpoint, token, offline
-
-
 # --------------------------------------------------------------------------------------------- plan
-
-@dataclass(frozen=True)
-class RemoteFile:
-    path: str               # path in the repository, and under DIR
-    repo: str
-    commit: str
-    size: int
-    sha256: str | None      # the hub's LFS sha256; None for a file kept in git
-    blob_id: str = ""       # git blob sha1, checked when there is no LFS sha256
-
-    @property
-    def oid(self) -> str:
-        return self.sha256 or self.blob_id
-
 
 @dataclass
 class DownloadPlan:
@@ -110,66 +75,6 @@ class DownloadPlan:
         return sum(f.size for f in self.files)
 
 
-class _Hub:
-    """HfApi calls, with huggingface_hub's errors turned into one-line DownloadErrors."""
-
-    def __init__(self, endpoint: str, token: str | None):
-        from huggingface_hub import HfApi
-        self.endpoint, self.token = endpoint, token
-        self.api = HfApi(endpoint=endpoint, token=token, library_name="grokconv", library_version=__version__)
-
-    def resolve(self, repo: str, revision: str) -> str:
-        try:
-            return self.api.repo_info(repo, revision=revision).sha
-        except Exception as e:
-            raise _hub_error(e, repo, revision, self.endpoint, self.token) from None
-
-    def list_files(self, repo: str, commit: str, folder: str | None = None) -> dict[str, RemoteFile]:
-        from huggingface_hub.hf_api import RepoFile
-        try:
-            entries = list(self.api.list_repo_tree(repo, path_in_repo=folder, revision=commit))
-        except Exception as e:
-            raise _hub_error(e, repo, commit, self.endpoint, self.token, path=folder) from None
-        return {e.path: RemoteFile(e.path, repo, commit, e.size, e.lfs.sha256 if e.lfs else None, e.blob_id)
-                for e in entries if isinstance(e, RepoFile)}
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    # huggingface_hub 1.x talks through httpx, 2.x through httpx2: take whichever it loaded.
-    mods = (sys.modules.get(name) for name in ("httpx2", "httpx"))
-    return (ConnectionError, TimeoutError, *(m.TransportError for m in mods if m is not None))
-
-
-def _hub_error(e: Exception, repo: str, revision: str, endpoint: str, token: str | None,
-               path: str | None = None) -> Exception:
-    """The DownloadError a huggingface_hub or network exception means; other exceptions unchanged."""
-    from huggingface_hub import errors as hfe
-    where = f"{repo}@{revision[:12] if re.fullmatch(r'[0-9a-f]{40}', revision) else revision}"
-    if isinstance(e, hfe.GatedRepoError):
-        msg = (f"{repo} is gated and the token in HF_TOKEN has no access to it" if token else
-               f"{repo} is gated: downloading it needs a Hugging Face token")
-        return DownloadError(msg, hint=f"accept the terms at {endpoint}/{repo}, then export HF_TOKEN=<a token "
-                                       "of that account>")
-    if isinstance(e, hfe.RepositoryNotFoundError):
-        return DownloadError(f"repository {repo} not found on {endpoint}",
-                             hint="check --repo" + ("" if token else "; a private repository also needs HF_TOKEN"))
-    if isinstance(e, hfe.RevisionNotFoundError):
-        return DownloadError(f"revision {revision!r} not found in {repo}",
-                             hint="use a branch, a tag or a 40-hex commit of the repository")
-    if isinstance(e, hfe.EntryNotFoundError):
-        return DownloadError(f"{path or 'a file'} not found in {where}")
-    if isinstance(e, hfe.HfHubHTTPError):
-        status = e.response.status_code if getattr(e, "response", None) is not None else "?"
-        return DownloadError(f"the hub answered HTTP {status} for {where}" + (f" ({path})" if path else ""),
-                             hint="retry later; finished files are kept and a re-run resumes")
-    if isinstance(e, (hfe.LocalEntryNotFoundError, *_transport_errors())):   # hf_hub_download: no connection
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return DownloadError(f"cannot reach {endpoint}: {detail}",
-                             hint="check the network or HF_ENDPOINT; a re-run resumes where this one stopped, "
-                                  "and with HF_HUB_OFFLINE=1 grokconv checks what the directory already holds")
-    return e
-
-
 def _tokenizer_note(sha256: str | None) -> str:
     if sha256 == ORIGINAL_TOKENIZER_SHA256:
         return "byte-identical to the original in github.com/xai-org/grok-1"
@@ -185,7 +90,7 @@ def plan_download(cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: str = 
     """
     env_endpoint, env_token, _ = hub_settings()
     endpoint, token = endpoint or env_endpoint, token or env_token
-    hub = _Hub(endpoint, token)
+    hub = HubClient(endpoint, token)
     commit = hub.resolve(repo, revision)
     tree = hub.list_files(repo, commit, CKPT_DIR)
     on_hub = [p for p in tree if _CKPT_FILE_RE.fullmatch(p.rsplit("/", 1)[-1])]
@@ -218,95 +123,7 @@ def plan_download(cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: str = 
 
 # ------------------------------------------------------------------------------------ local state
 
-class _Ledger:
-    """``verified.jsonl``: files checked against their hash, so a re-run trusts them without re-reading."""
-
-    def __init__(self, directory: Path):
-        self.path = directory / _LEDGER
-        self.entries: dict[str, dict] = {}
-        self._lock = threading.Lock()
-        if self.path.exists():
-            for line in self.path.read_bytes().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line torn by a kill
-                if isinstance(rec, dict) and safe_relpath(rec.get("path")):
-                    self.entries[rec["path"]] = rec   # only trusted when size, mtime and oid all match
-
-    def is_verified(self, f: RemoteFile, final: Path) -> bool:
-        rec = self.entries.get(f.path)
-        if rec is None or rec.get("oid") != f.oid:
-            return False
-        try:
-            st = final.stat()
-        except FileNotFoundError:
-            return False
-        return rec.get("size") == st.st_size == f.size and rec.get("mtime_ns") == st.st_mtime_ns
-
-    def record(self, f: RemoteFile, final: Path, sha256: str) -> None:
-        """``final`` (or the staged file about to be renamed to it: the rename keeps size and mtime)."""
-        st = final.stat()
-        rec = {"path": f.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "oid": f.oid, "sha256": sha256}
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            self.entries[f.path] = rec
-
-
-class _Digest:
-    """sha256 of what is written, and the git blob sha1 when the hub gives no LFS sha256."""
-
-    def __init__(self, f: RemoteFile):
-        self.f = f
-        self.reset()
-
-    def reset(self) -> None:
-        self.sha = hashlib.sha256()
-        self.git = None if self.f.sha256 else hashlib.sha1(b"blob %d\0" % self.f.size)
-
-    def update(self, data) -> None:
-        self.sha.update(data)
-        if self.git is not None:
-            self.git.update(data)
-
-    def feed_file(self, path: Path, limit: int | None = None) -> None:
-        left = path.stat().st_size if limit is None else limit
-        with open(path, "rb") as fh:
-            while left > 0:
-                chunk = fh.read(min(_READ_CHUNK, left))
-                if not chunk:
-                    break
-                self.update(chunk)
-                left -= len(chunk)
-
-    def problem(self, size: int) -> str | None:
-        """None when the content is the file the hub declares, else what differs."""
-        if size != self.f.size:
-            return f"size {size:,} bytes, expected {self.f.size:,}"
-        if self.f.sha256 is not None:
-            got = self.sha.hexdigest()
-            return None if got == self.f.sha256 else f"sha256 {got}, expected {self.f.sha256} (the hub's LFS metadata)"
-        got = self.git.hexdigest()
-        return None if got == self.f.blob_id else f"git blob sha1 {got}, expected {self.f.blob_id}"
-
-
-def _check_present(f: RemoteFile, final: Path, ledger: _Ledger) -> bool:
-    """Is ``final`` the file ``f``? Trusts the ledger; hashes (and records) a file it does not list."""
-    if ledger.is_verified(f, final):
-        return True
-    if not final.is_file() or final.stat().st_size != f.size:
-        return False
-    digest = _Digest(f)
-    digest.feed_file(final)
-    if digest.problem(f.size) is not None:
-        return False
-    ledger.record(f, final, digest.sha.hexdigest())
-    return True
-
-
-def _write_manifest(directory: Path, plan: DownloadPlan, ledger: _Ledger, complete: bool) -> None:
+def _write_manifest(directory: Path, plan: DownloadPlan, ledger: Ledger, complete: bool) -> None:
     """Merge this plan into the directory's manifest (earlier layer slices stay listed)."""
     old = read_manifest(directory) or {}
     entries = {e["path"]: e for e in old.get("files", [])}
@@ -330,131 +147,6 @@ def _write_manifest(directory: Path, plan: DownloadPlan, ledger: _Ledger, comple
     }
     (directory / STATE_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-
-
-# ------------------------------------------------------------------------------------------ fetch
-
-class _SilentBar:
-    """Stands in for huggingface_hub's per-file bar (``tqdm_class``): the run has one bar of its own."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-    def set_description(self, *args, **kwargs):
-        pass
-
-
-class _Fetcher:
-    """Each file through ``huggingface_hub.hf_hub_download`` into ``DIR/.grokconv/staging`` (its
-    ``local_dir``), then hashed against the hub's LFS sha256 (or git blob sha1) and renamed to its final
-    name; a file that fails is fetched once more (``force_download``), then the run stops."""
-
-    def __init__(self, directory: Path, plan: DownloadPlan, token: str | None, ledger: _Ledger, workers: int,
-                 progress: bool | None):
-        self.dir, self.plan, self.token, self.ledger = directory, plan, token, ledger
-        self.workers, self.progress = workers, progress
-        self.staging = directory / _STAGING
-        self.lock = threading.Lock()
-        self.fetched_bytes = 0
-        self.fetched_files = 0
-        self.retried: list[str] = []
-        self.bar = None
-
-    def run(self, files: list[RemoteFile]) -> None:
-        self.staging.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            (self.dir / f.path).parent.mkdir(parents=True, exist_ok=True)
-        maybe_present = sum(f.size for f in files if (self.dir / f.path).is_file())
-        need = sum(f.size for f in files) - maybe_present
-        free = shutil.disk_usage(self.dir).free
-        if need > free:
-            raise DownloadError(f"not enough disk space in {self.dir}: {format_bytes(need)} to fetch, "
-                                f"{format_bytes(free)} free", hint="free space or choose another --dir; "
-                                "finished files are kept and a re-run resumes")
-        self.bar = Progress(sum(f.size for f in files), "download", self.progress)
-        try:
-            with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                futures = [pool.submit(self._fetch_one, f) for f in sorted(files, key=lambda f: -f.size)]
-                try:
-                    for done, fut in enumerate(as_completed(futures), 1):
-                        fut.result()
-                        self.bar.note(f"{done}/{len(files)} files")
-                except BaseException:
-                    for fut in futures:
-                        fut.cancel()
-                    raise
-        finally:
-            self.bar.close()
-
-    def _fetch_one(self, f: RemoteFile) -> None:
-        final = self.dir / f.path
-        if _check_present(f, final, self.ledger):  # there already (an earlier tool, or a killed rename)
-            self.bar.update(f.size)
-            return
-        try:
-            for attempt in (1, 2):
-                staged = self._transfer(f, force=attempt > 1)
-                digest = _Digest(f)
-                digest.feed_file(staged)
-                problem = digest.problem(staged.stat().st_size)
-                if problem is None:
-                    with open(staged, "rb") as fh:
-                        os.fsync(fh.fileno())
-                    # listed first, renamed second: a kill in between leaves no final file, so no
-                    # file sits under its final name unlisted (a re-run would count it neither way)
-                    self.ledger.record(f, staged, digest.sha.hexdigest())
-                    durable_replace(staged, final)
-                    with self.lock:
-                        self.fetched_files += 1
-                    self.bar.update(f.size)
-                    return
-                staged.unlink()
-                if attempt == 1:
-                    with self.lock:
-                        self.retried.append(f.path)
-            raise DownloadError(f"{f.path} from {f.repo}@{f.commit[:12]} failed verification twice: {problem}",
-                                hint="the bytes served differ from what the hub's metadata declares (a proxy or "
-                                     "mirror?); nothing unverified was kept")
-        except DownloadError:
-            raise
-        except OSError as e:
-            if disk_full(e) is not None:
-                raise DownloadError(f"disk full while writing {f.path} in {self.dir}",
-                                    hint="free space and re-run the same command: it resumes") from None
-            raise _hub_error(e, f.repo, f.commit, self.plan.endpoint, self.token, path=f.path) from None
-        except Exception as e:
-            if disk_full(e) is not None:
-                raise DownloadError(f"disk full while writing {f.path} in {self.dir}",
-                                    hint="free space and re-run the same command: it resumes") from None
-            raise _hub_error(e, f.repo, f.commit, self.plan.endpoint, self.token, path=f.path) from None
-
-    def _transfer(self, f: RemoteFile, force: bool) -> Path:
-        """The file as ``hf_hub_download`` leaves it in the staging folder (Xet, retries, auth, proxies as
-        ``hf download`` has them); bytes counted as they arrive on disk."""
-        path = Path(hf_hub_download(f.repo, f.path, revision=f.commit, local_dir=self.staging,
-                                    endpoint=self.plan.endpoint or None, token=self.token, force_download=force,
-                                    library_name="grokconv", library_version=__version__, tqdm_class=_SilentBar))
-        with self.lock:
-            self.fetched_bytes += path.stat().st_size
-        return path
-
-
-def hf_hub_download(*args, **kwargs) -> str:
-    """``huggingface_hub.hf_hub_download``, imported when called (its settings are read at import)."""
-    from huggingface_hub import hf_hub_download as get
-    return get(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -507,7 +199,7 @@ def _plan_offline(directory: Path, cfg: GrokConfig, repo: str, revision: str, la
                         None if layers is None else sorted(layers), files, tokenizer=m.get("tokenizer"))
 
 
-def _install_tokenizer(src: Path, directory: Path, ledger: _Ledger) -> str:
+def _install_tokenizer(src: Path, directory: Path, ledger: Ledger) -> str:
     """Copy a local tokenizer.model in (temp name, then rename); its description for the summary."""
     digest = hashlib.sha256()
     with open(src, "rb") as fin, atomic_write(directory / TOKENIZER_FILE) as fout:
@@ -541,7 +233,7 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
                              endpoint=endpoint, token=token)
     if tokenizer_path is not None:
         plan.tokenizer_path = tokenizer_path.resolve()
-    ledger = _Ledger(directory)
+    ledger = Ledger(directory)
     result = DownloadResult(plan, directory, dry_run=dry_run, offline=offline)
     result.present = [f.path for f in plan.files if ledger.is_verified(f, directory / f.path)]
     if on_plan is not None:
@@ -564,21 +256,21 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
     return result
 
 
-def _fetch_into(directory: Path, cfg: GrokConfig, plan: DownloadPlan, ledger: _Ledger, result: DownloadResult,
+def _fetch_into(directory: Path, cfg: GrokConfig, plan: DownloadPlan, ledger: Ledger, result: DownloadResult,
                 token, workers, progress, tokenizer_path, offline) -> None:
     if cfg != load_preset("grok-1"):
         cfg.save(directory / CONFIG_FILE)  # readers take grok-1 when there is none
     present = set(result.present)
     todo = [f for f in plan.files if f.path not in present]
     if offline:
-        missing = [f.path for f in todo if not _check_present(f, directory / f.path, ledger)]
+        missing = [f.path for f in todo if not check_present(f, directory / f.path, ledger)]
         if missing:
             raise DownloadError(f"HF_HUB_OFFLINE is set and {len(missing)} of {len(plan.files)} files are not "
                                 f"(whole) in {directory} yet (first: {missing[0]}: not the size and sha256 "
                                 f"{MANIFEST} records)", hint="unset HF_HUB_OFFLINE to fetch them")
     else:
         _write_manifest(directory, plan, ledger, complete=False)
-        fetcher = _Fetcher(directory, plan, token, ledger, workers, progress)
+        fetcher = Fetcher(directory, plan, token, ledger, workers, progress)
         try:
             fetcher.run(todo)
         finally:
@@ -589,4 +281,4 @@ def _fetch_into(directory: Path, cfg: GrokConfig, plan: DownloadPlan, ledger: _L
     if not offline:
         _write_manifest(directory, plan, ledger, complete=True)
         # hf_hub_download's own state (.cache/huggingface) and what a killed run of it left
-        shutil.rmtree(directory / _STAGING, ignore_errors=True)
+        shutil.rmtree(directory / STAGING, ignore_errors=True)

@@ -353,7 +353,8 @@ def test_full_disk_before_and_during_the_transfer(hub, tmp_path, monkeypatch):
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(dl, "hf_hub_download", full)
+    import grokconv.hub.fetch as fetch_mod
+    monkeypatch.setattr(fetch_mod, "hf_hub_download", full)
     with pytest.raises(DownloadError, match="disk full while writing ckpt-0/tensor"):
         fetch(dest)
     assert not list((dest / "ckpt-0").iterdir()) and not dl.read_manifest(dest)["complete"]

@@ -1,9 +1,12 @@
-"""The Hugging Face hub side of grokconv: what a download writes and how it is checked afterwards.
+"""The Hugging Face hub side of grokconv, one concern per module:
 
+- ``client``: hub calls (the commit a revision names, a repository's files and their hashes) and every
+  huggingface_hub / network exception as one ``DownloadError``;
+- ``fetch``: each file through ``huggingface_hub.hf_hub_download``, hashed, fsync'd, renamed; the ledger;
 - ``manifest``: the download manifest (``DIR/.grokconv/manifest.json``), every field checked on read;
 - ``verify``: ``grokconv verify`` (a download against its manifest, a safetensors directory through the
   safetensors reader's own validation);
 - ``progress``: the byte bar shared by threads.
 
-Planning and fetching are in ``grokconv.download`` (it imports these; they import nothing of it).
+The plan (which files a layer slice needs) and the driver are ``grokconv.download``; nothing here imports it.
 """
