@@ -4,7 +4,9 @@
    is checked (every canonical parameter maps once) before a byte is written.
 2. Execute shard by shard. A shard is written under ``*.incomplete``: header first, then each
    tensor's rows straight to their offsets (``pwrite``), by a pool of workers; renamed when whole.
-   A shard already on disk whose header equals the plan is complete and is skipped (resume).
+   A shard already on disk is kept only when this run's fingerprint (source files + byte-changing
+   options, in every shard's ``__metadata__``) made it durable and its header equals the plan (resume);
+   another run's output in DST is an error unless ``overwrite`` (formats/outputs.py).
 3. Write ``config.json``, the tokenizer, the error report, and last the index.
 """
 from __future__ import annotations
@@ -25,45 +27,40 @@ import torch
 from .config import CONFIG_FILE
 from .errors import LayoutError, MissingTensorError
 from .export import ENCODINGS, Encoding, SourceRows, encode_chunk, encoding_for, stage, tensor_amax
-from .formats.atomic import TMP_SUFFIX, atomic_write_text, is_complete, write_planned
+from .formats.atomic import atomic_write, atomic_write_text, is_complete, write_planned
+from .formats.outputs import guard_output, make_fingerprint
 from .formats.base import CheckpointReader, open_checkpoint
 from .formats.safetensors_io import DTYPES, ShardPlan
 from .mapping import Layout, Target, load_layout
 from .quant.metrics import ErrorAccumulator
 from .tensor import QInt8, from_torch
+from .tokenizer import TOKENIZER_FILE, find_tokenizer
 from .runtime import peak_rss_bytes, resolve_device, resolve_workers, torch_threads_per_worker
 from .units import parse_size
 
 __all__ = ["ConversionPlan", "plan_conversion", "to_safetensors", "Summary", "parse_size", "INDEX_FILE",
-           "REPORT_FILE", "TOKENIZER_FILE", "HF_CODE_FILES", "find_tokenizer"]
+           "REPORT_FILE", "TOKENIZER_FILE", "HF_CODE_FILES", "tokenizer_for", "OWNED"]
 
 INDEX_FILE = "model.safetensors.index.json"
 REPORT_FILE = "grokconv-report.json"
-TOKENIZER_FILE = "tokenizer.model"
 HF_CODE_DIR = Path(__file__).resolve().parent / "hf_code"
 HF_CODE_FILES = ("configuration_grok1.py", "modeling_grok1.py")
+# the files to-safetensors makes in DST (what --overwrite replaces)
+OWNED = ("model-*-of-*.safetensors", INDEX_FILE, "config.json", CONFIG_FILE, REPORT_FILE, TOKENIZER_FILE, *HF_CODE_FILES)
 
 
-def find_tokenizer(reader, layout: Layout, given=None, required: bool = True) -> Path | None:
-    """The tokenizer.model to copy: ``given``, else the source's (beside it or one level up).
-
-    With ``required``, raises :class:`MissingTensorError` when the layout's consumer needs one
-    (``requires`` in the mapping file) and there is none."""
-    if given is not None:
-        p = Path(given)
-        if not p.is_file():
-            raise MissingTensorError("--tokenizer: no such file", path=p)
-        return p
-    for cand in (reader.path / TOKENIZER_FILE, reader.path.parent / TOKENIZER_FILE):
-        if cand.is_file():
-            return cand
+def tokenizer_for(src, layout: Layout, given=None, required: bool = True) -> Path | None:
+    """The tokenizer.model to copy (:func:`grokconv.tokenizer.find_tokenizer`). With ``required``,
+    raises :class:`MissingTensorError` when the layout's consumer needs one (``requires`` in the
+    mapping file) and there is none."""
+    found = find_tokenizer(src, given)
     why = layout.requires.get(TOKENIZER_FILE)
-    if why and required:
+    if found is None and why and required:
         raise MissingTensorError(
-            f"the {layout.name!r} layout needs a {TOKENIZER_FILE} and the source has none: {why}", path=reader.path,
+            f"the {layout.name!r} layout needs a {TOKENIZER_FILE} and the source has none: {why}", path=src,
             hint="pass --tokenizer PATH (the SentencePiece model of github.com/xai-org/grok-1; `grokconv download` "
                  "fetches it), or choose another --layout")
-    return None
+    return found
 
 
 @dataclass
@@ -275,23 +272,49 @@ def _source_bytes(value) -> int:
 def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_scheme: str = "channel",
                    fp8_format: str = "compressed-tensors", int8_scheme: str = "group", layers=None, max_shard_size="5GB", workers: int | None = None,
                    device: str = "cpu", dry_run: bool = False, progress: bool = True, measure: bool = False,
-                   tokenizer=None, require_files: bool = False, echo=print) -> Summary | ConversionPlan:
+                   tokenizer=None, require_files: bool = False, overwrite: bool = False,
+                   echo=print) -> Summary | ConversionPlan:
     """Convert any readable checkpoint to sharded safetensors in ``layout``; returns a :class:`Summary`.
 
     ``tokenizer``: a ``tokenizer.model`` to copy into the export (else the source's, when it has one).
     ``require_files`` (the CLI sets it): refuse, before writing anything, a layout whose consumer needs
     a file the export would lack (``keyfan``: llama.cpp's converter needs ``tokenizer.model``).
+    ``overwrite``: replace what another source or other options left in ``dst`` (else that is an
+    :class:`~grokconv.errors.OutputMismatchError`).
     """
     reader = open_checkpoint(src, layers=layers)
     plan = plan_conversion(reader, layout, quantize, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
                            int8_scheme=int8_scheme, layers=layers, max_shard_size=max_shard_size)
-    plan.tokenizer = find_tokenizer(reader, plan.layout, tokenizer, required=require_files)
+    plan.tokenizer = tokenizer_for(reader.path, plan.layout, tokenizer, required=require_files)
     if dry_run:
         return plan
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    for stale in dst.glob(f"*{TMP_SUFFIX}"):
-        stale.unlink()
+    fp = make_fingerprint(
+        "to-safetensors", reader.path, layout=layout, quantize=quantize,
+        fp8=[fp8_scheme, fp8_format] if quantize == "fp8" else None,
+        int8_scheme=int8_scheme if quantize == "int8" else None, layers=plan.layers,
+        max_shard_size=parse_size(max_shard_size), tokenizer=plan.tokenizer)
+    # every shard carries the fingerprint in its __metadata__ (and so in the header resume compares)
+    plan.shards = [ShardPlan(s.filename, s.tensors, {**s.metadata, **fp.metadata()}) for s in plan.shards]
+    guard = guard_output(dst, fp, owned=OWNED, overwrite=overwrite)
+    try:
+        summary = _write_shards(reader, plan, dst, guard, workers=workers, device=device, progress=progress,
+                                measure=measure)
+        if summary.errors or quantize != "none":
+            atomic_write_text(dst / REPORT_FILE, json.dumps(
+                {"quantize": quantize, "fp8_scheme": fp8_scheme if quantize == "fp8" else None,
+                 "int8_scheme": int8_scheme if quantize == "int8" else None,
+                 "reference": "float32 int8*scale (exact dequantization of the source)", "tensors": summary.errors},
+                indent=1, sort_keys=True) + "\n")
+        _write_sidecars(reader, plan, dst)
+        guard.finish()
+    finally:
+        guard.close()
+    return summary
+
+
+def _write_shards(reader, plan: ConversionPlan, dst: Path, guard, *, workers, device, progress, measure) -> Summary:
+    """Every shard not already complete for this fingerprint, one at a time."""
     dev = resolve_device(device)
     summary = Summary()
     t0 = time.perf_counter()
@@ -315,7 +338,7 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
     try:
         for k, shard in enumerate(plan.shards):
             final = dst / shard.filename
-            if is_complete(final, shard.size, shard.header):
+            if guard.is_complete(final, lambda p, shard=shard: is_complete(p, shard.size, shard.header)):
                 summary.shards_skipped += 1
                 bar.update(shard.size)
                 continue
@@ -327,22 +350,16 @@ def to_safetensors(src, dst, *, layout: str = "hf", quantize: str = "none", fp8_
                             for j in jobs]
                     for f in futs:
                         summary.bytes_read += f.result()
-            write_planned(final, shard.size, shard.header, fill, on_bytes)
+            write_planned(final, shard.size, shard.header, fill, on_bytes,
+                          before_rename=lambda final=final, shard=shard: guard.done(final, shard.size))
             summary.tensors += sum(len(j.outputs) for j in jobs)
             summary.shards_written += 1
     finally:
         bar.close()
         torch.set_num_threads(saved_threads)
-    _write_sidecars(reader, plan, dst)
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss = peak_rss_bytes()
     summary.errors = errors
-    if errors or quantize != "none":
-        atomic_write_text(dst / REPORT_FILE, json.dumps(
-            {"quantize": quantize, "fp8_scheme": fp8_scheme if quantize == "fp8" else None,
-             "int8_scheme": int8_scheme if quantize == "int8" else None,
-             "reference": "float32 int8*scale (exact dequantization of the source)", "tensors": errors},
-            indent=1, sort_keys=True) + "\n")
     return summary
 
 
@@ -362,9 +379,8 @@ def _write_sidecars(reader, plan: ConversionPlan, dst: Path) -> None:
         for fn in HF_CODE_FILES:
             atomic_write_text(dst / fn, (HF_CODE_DIR / fn).read_text())
     if plan.tokenizer is not None:
-        tmp = dst / (TOKENIZER_FILE + TMP_SUFFIX)
-        shutil.copyfile(plan.tokenizer, tmp)
-        os.replace(tmp, dst / TOKENIZER_FILE)
+        with open(plan.tokenizer, "rb") as src, atomic_write(dst / TOKENIZER_FILE) as f:
+            shutil.copyfileobj(src, f)
     index = {"metadata": {"total_size": plan.total_size, "layout": plan.layout.name},
              "weight_map": dict(sorted(plan.weight_map().items()))}
     atomic_write_text(dst / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -1,46 +1,44 @@
 """Fetch Grok-1 from the Hugging Face hub into the layout grokconv reads (``DIR/ckpt-0/tensorNNNNN_000``).
 
 Metadata comes from ``HfApi`` (the commit a revision names, each file's size and LFS sha256); bytes
-come through huggingface_hub's own ``http_get`` (its Range requests, retries and redirects). Two
-things huggingface_hub does not do are done here:
+come through ``huggingface_hub.hf_hub_download`` (public API: Xet storage through ``hf_xet`` when the
+hub serves it, its retries, auth and proxies, as ``hf download`` has them), pinned to the commit, into
+``DIR/.grokconv/staging`` (its ``local_dir``). What grokconv adds on top:
 
-- **Cross-run resume.** huggingface_hub >= 1.18 deletes its temporary file when a transfer fails, so
-  a killed run starts every file again. Here bytes go to ``DIR/.grokconv/partial/<sha256>.part``,
-  which a re-run continues with ``Range: bytes=N-``; files finished and verified earlier are listed
-  in ``DIR/.grokconv/verified.jsonl`` (path, size, mtime, hash) and are not read or fetched again.
-- **Content verification.** huggingface_hub checks sizes only. Here every file is hashed while it
-  is written and compared with the hub's LFS sha256 (the git blob sha1 for files not in LFS) before
-  it is renamed to its final name: a file under its final name is always whole and verified. A file
-  that fails is fetched once more, then the run stops with an error naming it.
+- **The layer plan**: only the files a slice of layers needs (``--layers``), listed with ``--dry-run``.
+- **Content verification.** Every fetched file is hashed and compared with the hub's LFS sha256 (the
+  git blob sha1 for files not in LFS) before it is fsync'd and renamed to its final name: a file
+  under its final name is always whole and verified. A file that fails is fetched once more
+  (``force_download``), then the run stops with an error naming it.
+- **Resume by file.** Files finished and verified earlier are listed in ``DIR/.grokconv/verified.jsonl``
+  (path, size, mtime, hash) and are neither read nor fetched again. A file cut by a kill starts over:
+  huggingface_hub >= 2 writes each transfer to a temporary name unique to the process and deletes it
+  on failure, so there is no cross-run byte resume (see README).
 
 ``DIR/.grokconv/manifest.json`` (path, size, sha256, repo, commit of every file) is written when the
-plan is made, marked complete at the end, and is what :func:`verify_dir` checks later.
+plan is made, marked complete at the end, and is what ``grokconv verify`` checks later. This module
+is the plan and the driver; hub calls and errors, fetching, the manifest and verify are in ``hub/``.
 HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are read when a function is called, not at import.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
-import os
 import re
 import shutil
-import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
-from . import __version__
 from .config import CONFIG_FILE, GrokConfig, load_preset
-from .errors import CheckpointFormatError, DownloadError
+from .errors import DownloadError
 from .formats.atomic import atomic_write, atomic_write_text
+from .formats.outputs import guard_output, make_fingerprint
+from .hub.client import HubClient, RemoteFile, format_bytes, hub_settings
+from .hub.fetch import STAGING, Fetcher, Ledger, check_present
+from .hub.manifest import MANIFEST, MANIFEST_VERSION, STATE_DIR, is_sha256, read_manifest
+from .hub.verify import VerifyReport, verify_dir
 from .schema import files_for_layers, param_specs
-from .units import format_bytes as _format_bytes
 
 __all__ = ["DEFAULT_REPO", "DEFAULT_TOKENIZER_REPO", "TOKENIZER_FILE", "ORIGINAL_TOKENIZER_SHA256", "MANIFEST",
            "RemoteFile", "DownloadPlan", "DownloadResult", "VerifyReport", "hub_settings", "plan_download",
@@ -55,44 +53,11 @@ TOKENIZER_FILE = "tokenizer.model"
 ORIGINAL_TOKENIZER_SHA256 = "5c69d7cbad192fa2c9d14e2a77fbfdc11597c68907b043ddb0260e3d28eddd7f"  # 2,229,219 bytes
 
 CKPT_DIR = "ckpt-0"
-STATE_DIR = ".grokconv"
-MANIFEST = f"{STATE_DIR}/manifest.json"
-_LEDGER = f"{STATE_DIR}/verified.jsonl"
-_PARTIAL = f"{STATE_DIR}/partial"
-_MANIFEST_VERSION = 1
 _READ_CHUNK = 8 << 20
 _CKPT_FILE_RE = re.compile(r"tensor\d{5}_\d{3}")
 
 
-def format_bytes(n: float) -> str:
-    """Decimal units, as the hub shows sizes: ``318.24 GB``."""
-    return _format_bytes(n, decimal=True)
-
-
-def hub_settings() -> tuple[str, str | None, bool]:
-    """(endpoint, token, offline) from the environment now; huggingface_hub reads them at import."""
-    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
-    offline = any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-                  for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return endpoint, token, offline
-
-
 # --------------------------------------------------------------------------------------------- plan
-
-@dataclass(frozen=True)
-class RemoteFile:
-    path: str               # path in the repository, and under DIR
-    repo: str
-    commit: str
-    size: int
-    sha256: str | None      # the hub's LFS sha256; None for a file kept in git
-    blob_id: str = ""       # git blob sha1, checked when there is no LFS sha256
-
-    @property
-    def oid(self) -> str:
-        return self.sha256 or self.blob_id
-
 
 @dataclass
 class DownloadPlan:
@@ -110,66 +75,6 @@ class DownloadPlan:
         return sum(f.size for f in self.files)
 
 
-class _Hub:
-    """HfApi calls, with huggingface_hub's errors turned into one-line DownloadErrors."""
-
-    def __init__(self, endpoint: str, token: str | None):
-        from huggingface_hub import HfApi
-        self.endpoint, self.token = endpoint, token
-        self.api = HfApi(endpoint=endpoint, token=token, library_name="grokconv", library_version=__version__)
-
-    def resolve(self, repo: str, revision: str) -> str:
-        try:
-            return self.api.repo_info(repo, revision=revision).sha
-        except Exception as e:
-            raise _hub_error(e, repo, revision, self.endpoint, self.token) from None
-
-    def list_files(self, repo: str, commit: str, folder: str | None = None) -> dict[str, RemoteFile]:
-        from huggingface_hub.hf_api import RepoFile
-        try:
-            entries = list(self.api.list_repo_tree(repo, path_in_repo=folder, revision=commit))
-        except Exception as e:
-            raise _hub_error(e, repo, commit, self.endpoint, self.token, path=folder) from None
-        return {e.path: RemoteFile(e.path, repo, commit, e.size, e.lfs.sha256 if e.lfs else None, e.blob_id)
-                for e in entries if isinstance(e, RepoFile)}
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    # huggingface_hub 1.x talks through httpx, 2.x through httpx2: take whichever it loaded.
-    mods = (sys.modules.get(name) for name in ("httpx2", "httpx"))
-    return (ConnectionError, TimeoutError, *(m.TransportError for m in mods if m is not None))
-
-
-def _hub_error(e: Exception, repo: str, revision: str, endpoint: str, token: str | None,
-               path: str | None = None) -> Exception:
-    """The DownloadError a huggingface_hub or network exception means; other exceptions unchanged."""
-    from huggingface_hub import errors as hfe
-    where = f"{repo}@{revision[:12] if re.fullmatch(r'[0-9a-f]{40}', revision) else revision}"
-    if isinstance(e, hfe.GatedRepoError):
-        msg = (f"{repo} is gated and the token in HF_TOKEN has no access to it" if token else
-               f"{repo} is gated: downloading it needs a Hugging Face token")
-        return DownloadError(msg, hint=f"accept the terms at {endpoint}/{repo}, then export HF_TOKEN=<a token "
-                                       "of that account>")
-    if isinstance(e, hfe.RepositoryNotFoundError):
-        return DownloadError(f"repository {repo} not found on {endpoint}",
-                             hint="check --repo" + ("" if token else "; a private repository also needs HF_TOKEN"))
-    if isinstance(e, hfe.RevisionNotFoundError):
-        return DownloadError(f"revision {revision!r} not found in {repo}",
-                             hint="use a branch, a tag or a 40-hex commit of the repository")
-    if isinstance(e, hfe.EntryNotFoundError):
-        return DownloadError(f"{path or 'a file'} not found in {where}")
-    if isinstance(e, hfe.HfHubHTTPError):
-        status = e.response.status_code if getattr(e, "response", None) is not None else "?"
-        return DownloadError(f"the hub answered HTTP {status} for {where}" + (f" ({path})" if path else ""),
-                             hint="retry later; finished files are kept and a re-run resumes")
-    if isinstance(e, _transport_errors()):
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return DownloadError(f"cannot reach {endpoint}: {detail}",
-                             hint="check the network or HF_ENDPOINT; a re-run resumes where this one stopped, "
-                                  "and with HF_HUB_OFFLINE=1 grokconv checks what the directory already holds")
-    return e
-
-
 def _tokenizer_note(sha256: str | None) -> str:
     if sha256 == ORIGINAL_TOKENIZER_SHA256:
         return "byte-identical to the original in github.com/xai-org/grok-1"
@@ -185,7 +90,7 @@ def plan_download(cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: str = 
     """
     env_endpoint, env_token, _ = hub_settings()
     endpoint, token = endpoint or env_endpoint, token or env_token
-    hub = _Hub(endpoint, token)
+    hub = HubClient(endpoint, token)
     commit = hub.resolve(repo, revision)
     tree = hub.list_files(repo, commit, CKPT_DIR)
     on_hub = [p for p in tree if _CKPT_FILE_RE.fullmatch(p.rsplit("/", 1)[-1])]
@@ -218,389 +123,30 @@ def plan_download(cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: str = 
 
 # ------------------------------------------------------------------------------------ local state
 
-class _Ledger:
-    """``verified.jsonl``: files checked against their hash, so a re-run trusts them without re-reading."""
-
-    def __init__(self, directory: Path):
-        self.path = directory / _LEDGER
-        self.entries: dict[str, dict] = {}
-        self._lock = threading.Lock()
-        if self.path.exists():
-            for line in self.path.read_bytes().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line torn by a kill
-                if isinstance(rec, dict) and _safe_relpath(rec.get("path")):
-                    self.entries[rec["path"]] = rec   # only trusted when size, mtime and oid all match
-
-    def is_verified(self, f: RemoteFile, final: Path) -> bool:
-        rec = self.entries.get(f.path)
-        if rec is None or rec.get("oid") != f.oid:
-            return False
-        try:
-            st = final.stat()
-        except FileNotFoundError:
-            return False
-        return rec.get("size") == st.st_size == f.size and rec.get("mtime_ns") == st.st_mtime_ns
-
-    def record(self, f: RemoteFile, final: Path, sha256: str) -> None:
-        st = final.stat()
-        rec = {"path": f.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "oid": f.oid, "sha256": sha256}
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            self.entries[f.path] = rec
-
-
-class _Digest:
-    """sha256 of what is written, and the git blob sha1 when the hub gives no LFS sha256."""
-
-    def __init__(self, f: RemoteFile):
-        self.f = f
-        self.reset()
-
-    def reset(self) -> None:
-        self.sha = hashlib.sha256()
-        self.git = None if self.f.sha256 else hashlib.sha1(b"blob %d\0" % self.f.size)
-
-    def update(self, data) -> None:
-        self.sha.update(data)
-        if self.git is not None:
-            self.git.update(data)
-
-    def feed_file(self, path: Path, limit: int | None = None) -> None:
-        left = path.stat().st_size if limit is None else limit
-        with open(path, "rb") as fh:
-            while left > 0:
-                chunk = fh.read(min(_READ_CHUNK, left))
-                if not chunk:
-                    break
-                self.update(chunk)
-                left -= len(chunk)
-
-    def problem(self, size: int) -> str | None:
-        """None when the content is the file the hub declares, else what differs."""
-        if size != self.f.size:
-            return f"size {size:,} bytes, expected {self.f.size:,}"
-        if self.f.sha256 is not None:
-            got = self.sha.hexdigest()
-            return None if got == self.f.sha256 else f"sha256 {got}, expected {self.f.sha256} (the hub's LFS metadata)"
-        got = self.git.hexdigest()
-        return None if got == self.f.blob_id else f"git blob sha1 {got}, expected {self.f.blob_id}"
-
-
-def _check_present(f: RemoteFile, final: Path, ledger: _Ledger) -> bool:
-    """Is ``final`` the file ``f``? Trusts the ledger; hashes (and records) a file it does not list."""
-    if ledger.is_verified(f, final):
-        return True
-    if not final.is_file() or final.stat().st_size != f.size:
-        return False
-    digest = _Digest(f)
-    digest.feed_file(final)
-    if digest.problem(f.size) is not None:
-        return False
-    ledger.record(f, final, digest.sha.hexdigest())
-    return True
-
-
-def read_manifest(directory) -> dict | None:
-    """The directory's manifest, every field checked (None when there is none)."""
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        m = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as e:    # JSONDecodeError, UnicodeDecodeError, absurd nesting
-        detail = str(e).splitlines()[0] if isinstance(e, ValueError) and str(e) else type(e).__name__
-        raise CheckpointFormatError(f"not a grokconv download manifest: {detail}", path=path) from None
-    problem = _manifest_problem(m)
-    if problem:
-        raise CheckpointFormatError(f"not a grokconv download manifest: {problem}", path=path,
-                                    hint="delete it and re-run `grokconv download` with the same options: "
-                                         "files present are hashed, not fetched again")
-    return m
-
-
-def _is_sha256(v) -> bool:
-    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
-
-
-def _is_str(v) -> bool:
-    return isinstance(v, str) and len(v) <= 4096
-
-
-def _safe_relpath(p) -> bool:
-    """A path inside the download directory: relative, no '..', no empty or dot parts."""
-    return (_is_str(p) and p != "" and not p.startswith("/") and "\\" not in p and "\0" not in p
-            and all(part not in ("", ".", "..") for part in p.split("/")))
-
-
-def _manifest_problem(m) -> str | None:
-    """What is wrong with a parsed manifest, or None."""
-    if not isinstance(m, dict):
-        return "not a JSON object"
-    if m.get("grokconv_manifest") != _MANIFEST_VERSION or type(m.get("grokconv_manifest")) is not int:
-        return f"grokconv_manifest is {str(m.get('grokconv_manifest'))[:20]}, expected {_MANIFEST_VERSION}"
-    for key in ("repo", "revision", "commit"):
-        if not _is_str(m.get(key)) or not m.get(key):
-            return f"{key} is not a string"
-    if not re.fullmatch(r"[0-9a-f]{40}", m["commit"]):
-        return f"commit {m['commit'][:50]!r} is not 40 hex digits"
-    for key in ("endpoint", "tokenizer"):
-        if m.get(key) is not None and not _is_str(m.get(key)):
-            return f"{key} is not a string"
-    if not isinstance(m.get("complete"), bool):
-        return "complete is not true or false"
-    layers = m.get("layers")
-    if layers is not None and not (isinstance(layers, list) and all(type(x) is int and x >= 0 for x in layers)):
-        return "layers is neither null nor a list of layer numbers"
-    files = m.get("files")
-    if not isinstance(files, list):
-        return "no file list"
-    seen = set()
-    for i, e in enumerate(files):
-        if not isinstance(e, dict):
-            return f"files[{i}] is not an object"
-        unknown = sorted(set(e) - {"path", "size", "sha256", "repo", "commit", "source"})
-        lacking = sorted({"path", "size", "sha256"} - set(e))
-        if unknown or lacking:
-            return f"files[{i}] has an unknown field {unknown[0][:40]!r}" if unknown else \
-                f"files[{i}] lacks {lacking[0]!r}"
-        p = e.get("path")
-        if not _safe_relpath(p):
-            return f"files[{i}].path {str(p)[:60]!r} is not a relative path inside the directory"
-        if p in seen:
-            return f"{p} is listed twice"
-        seen.add(p)
-        if type(e.get("size")) is not int or e["size"] < 0:
-            return f"{p}: size {str(e.get('size'))[:20]} is not a byte count"
-        sha = e.get("sha256")
-        if sha is not None and not _is_sha256(sha):
-            return f"{p}: sha256 {str(sha)[:70]!r} is not 64 hex digits"
-        for key in ("repo", "commit", "source"):
-            if key in e and not (e[key] is None or _is_str(e[key])):
-                return f"{p}: {key} is not a string"
-        if e.get("commit") and not re.fullmatch(r"[0-9a-f]{40}", e["commit"]):
-            return f"{p}: commit {e['commit'][:50]!r} is not 40 hex digits"
-    return None
-
-
-def _write_manifest(directory: Path, plan: DownloadPlan, ledger: _Ledger, complete: bool) -> None:
+def _write_manifest(directory: Path, plan: DownloadPlan, ledger: Ledger, complete: bool) -> None:
     """Merge this plan into the directory's manifest (earlier layer slices stay listed)."""
     old = read_manifest(directory) or {}
     entries = {e["path"]: e for e in old.get("files", [])}
     for f in plan.files:
         rec = ledger.entries.get(f.path)
-        sha = f.sha256 or (rec.get("sha256") if rec and rec.get("oid") == f.oid and _is_sha256(rec.get("sha256"))
+        sha = f.sha256 or (rec.get("sha256") if rec and rec.get("oid") == f.oid and is_sha256(rec.get("sha256"))
                            else None)
         entries[f.path] = {"path": f.path, "size": f.size, "sha256": sha, "repo": f.repo, "commit": f.commit}
     if plan.tokenizer_path is not None:
         rec = ledger.entries.get(TOKENIZER_FILE)
-        if rec and _is_sha256(rec.get("sha256")) and type(rec.get("size")) is int:
+        if rec and is_sha256(rec.get("sha256")) and type(rec.get("size")) is int:
             entries[TOKENIZER_FILE] = {"path": TOKENIZER_FILE, "size": rec["size"], "sha256": rec["sha256"],
                                        "source": str(plan.tokenizer_path)}
     had_all = "layers" in old and old["layers"] is None
     layers = None if had_all or plan.layers is None else sorted(set(old.get("layers") or []) | set(plan.layers))
     manifest = {
-        "grokconv_manifest": _MANIFEST_VERSION, "repo": plan.repo, "revision": plan.revision,
+        "grokconv_manifest": MANIFEST_VERSION, "repo": plan.repo, "revision": plan.revision,
         "commit": plan.commit, "endpoint": plan.endpoint, "layers": layers,
         "tokenizer": plan.tokenizer or old.get("tokenizer"), "complete": complete,
         "files": sorted(entries.values(), key=lambda e: e["path"]),
     }
     (directory / STATE_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-
-
-# ------------------------------------------------------------------------------------------ fetch
-
-class _Progress:
-    """A byte bar that several threads advance (tqdm's own counter is not thread-safe)."""
-
-    def __init__(self, total: int, desc: str, progress: bool | None, initial: int = 0):
-        self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=desc,
-                        disable=None if progress is None else not progress)
-        self.lock = threading.Lock()
-
-    def update(self, n: int) -> None:
-        with self.lock:
-            self.bar.update(n)
-
-    def note(self, text: str) -> None:
-        with self.lock:
-            self.bar.set_postfix_str(text, refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-class _Cancelled(Exception):
-    """Another transfer failed or the run was interrupted: stop this one (its part file stays)."""
-
-
-class _SilentBar:
-    """Stands in for huggingface_hub's per-file bar: bytes are counted once, on the run's bar."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-class _PartWriter:
-    """The file object given to ``http_get``: appends to the part file, hashing and counting as it goes."""
-
-    def __init__(self, fh, path: Path, digest: _Digest, bar, cancel: threading.Event):
-        self.fh, self.path, self.digest, self.bar, self.cancel = fh, path, digest, bar, cancel
-        self.fetched = 0
-
-    def write(self, data) -> int:
-        if self.cancel.is_set():
-            raise _Cancelled()
-        self.fh.write(data)
-        self.digest.update(data)
-        self.fetched += len(data)
-        self.bar.update(len(data))
-        return len(data)
-
-    def tell(self) -> int:
-        return self.fh.tell()
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self.fh.seek(pos, whence)
-
-    def truncate(self, size: int | None = None) -> int:
-        # http_get cuts back to where its download began when a server ignores Range (200, not 206).
-        keep = self.fh.tell() if size is None else size
-        self.fh.flush()
-        dropped = os.fstat(self.fh.fileno()).st_size - keep
-        self.fh.truncate(keep)
-        self.digest.reset()
-        self.digest.feed_file(self.path, keep)
-        self.bar.update(-dropped)
-        return keep
-
-
-class _Fetcher:
-    def __init__(self, directory: Path, plan: DownloadPlan, token: str | None, ledger: _Ledger, workers: int,
-                 progress: bool | None):
-        self.dir, self.plan, self.token, self.ledger = directory, plan, token, ledger
-        self.workers, self.progress = workers, progress
-        self.partial = directory / _PARTIAL
-        self.cancel = threading.Event()
-        self.lock = threading.Lock()
-        self.fetched_bytes = 0
-        self.fetched_files = 0
-        self.retried: list[str] = []
-        self.bar = None
-
-    def _part(self, f: RemoteFile) -> Path:
-        return self.partial / f"{f.oid}.part"
-
-    def part_bytes(self, f: RemoteFile) -> int:
-        part = self._part(f)
-        return min(part.stat().st_size, f.size) if part.exists() else 0
-
-    def run(self, files: list[RemoteFile]) -> None:
-        self.partial.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            (self.dir / f.path).parent.mkdir(parents=True, exist_ok=True)
-        resumed = sum(self.part_bytes(f) for f in files)
-        maybe_present = sum(f.size for f in files if (self.dir / f.path).is_file())
-        need = sum(f.size for f in files) - resumed - maybe_present
-        free = shutil.disk_usage(self.dir).free
-        if need > free:
-            raise DownloadError(f"not enough disk space in {self.dir}: {format_bytes(need)} to fetch, "
-                                f"{format_bytes(free)} free", hint="free space or choose another --dir; "
-                                "finished files are kept and a re-run resumes")
-        self.bar = _Progress(sum(f.size for f in files), "download", self.progress, initial=resumed)
-        from huggingface_hub.utils import build_hf_headers
-        self.headers = build_hf_headers(token=self.token, library_name="grokconv", library_version=__version__)
-        try:
-            with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                futures = [pool.submit(self._fetch_one, f) for f in sorted(files, key=lambda f: -f.size)]
-                try:
-                    for done, fut in enumerate(as_completed(futures), 1):
-                        fut.result()
-                        self.bar.note(f"{done}/{len(files)} files")
-                except BaseException:
-                    self.cancel.set()
-                    for fut in futures:
-                        fut.cancel()
-                    raise
-        finally:
-            self.bar.close()
-
-    def _fetch_one(self, f: RemoteFile) -> None:
-        final = self.dir / f.path
-        if _check_present(f, final, self.ledger):  # there already (an earlier tool, or a killed rename)
-            self.bar.update(f.size)
-            return
-        part = self._part(f)
-        try:
-            for attempt in (1, 2):
-                problem, sha256 = self._transfer(f, part)
-                if problem is None:
-                    os.replace(part, final)
-                    self.ledger.record(f, final, sha256)
-                    with self.lock:
-                        self.fetched_files += 1
-                    return
-                self.bar.update(-part.stat().st_size)
-                part.unlink()
-                if attempt == 1:
-                    with self.lock:
-                        self.retried.append(f.path)
-            raise DownloadError(f"{f.path} from {f.repo}@{f.commit[:12]} failed verification twice: {problem}",
-                                hint="the bytes served differ from what the hub's metadata declares (a proxy or "
-                                     "mirror?); nothing unverified was kept")
-        except (_Cancelled, DownloadError):
-            raise
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DownloadError(f"disk full while writing {f.path} in {self.dir}",
-                                    hint="free space and re-run the same command: it resumes") from None
-            raise _hub_error(e, f.repo, f.commit, self.plan.endpoint, self.token, path=f.path) from None
-        except Exception as e:
-            raise _hub_error(e, f.repo, f.commit, self.plan.endpoint, self.token, path=f.path) from None
-        finally:
-            if part.exists() and part.stat().st_size == 0:
-                part.unlink()
-
-    def _transfer(self, f: RemoteFile, part: Path) -> tuple[str | None, str]:
-        """Bring ``part`` to the full file, resuming what an earlier run left: (what is wrong or None, sha256)."""
-        from huggingface_hub import hf_hub_url
-        from huggingface_hub.file_download import http_get
-        have = part.stat().st_size if part.exists() else 0
-        if have > f.size:
-            part.unlink()
-            have = 0
-        digest = _Digest(f)
-        if have:
-            digest.feed_file(part, have)
-        if have < f.size:
-            url = hf_hub_url(f.repo, f.path, revision=f.commit, endpoint=self.plan.endpoint)
-            with open(part, "ab") as fh:
-                writer = _PartWriter(fh, part, digest, self.bar, self.cancel)
-                try:
-                    # expected_size is left out: sizes and hashes are checked below, on the whole file.
-                    http_get(url, writer, resume_size=have, headers=self.headers, displayed_filename=f.path,
-                             tqdm_class=_SilentBar)
-                finally:
-                    with self.lock:
-                        self.fetched_bytes += writer.fetched
-        return digest.problem(part.stat().st_size), digest.sha.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -653,7 +199,7 @@ def _plan_offline(directory: Path, cfg: GrokConfig, repo: str, revision: str, la
                         None if layers is None else sorted(layers), files, tokenizer=m.get("tokenizer"))
 
 
-def _install_tokenizer(src: Path, directory: Path, ledger: _Ledger) -> str:
+def _install_tokenizer(src: Path, directory: Path, ledger: Ledger) -> str:
     """Copy a local tokenizer.model in (temp name, then rename); its description for the summary."""
     digest = hashlib.sha256()
     with open(src, "rb") as fin, atomic_write(directory / TOKENIZER_FILE) as fout:
@@ -687,7 +233,7 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
                              endpoint=endpoint, token=token)
     if tokenizer_path is not None:
         plan.tokenizer_path = tokenizer_path.resolve()
-    ledger = _Ledger(directory)
+    ledger = Ledger(directory)
     result = DownloadResult(plan, directory, dry_run=dry_run, offline=offline)
     result.present = [f.path for f in plan.files if ledger.is_verified(f, directory / f.path)]
     if on_plan is not None:
@@ -699,20 +245,32 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
         raise DownloadError(f"{directory} already holds a download of {old.get('repo')} (its {MANIFEST})",
                             hint="choose another --dir for a different repository")
     started = time.monotonic()
-    directory.mkdir(parents=True, exist_ok=True)
+    # one run at a time per directory (formats/outputs.py); layer slices of one repository accumulate
+    guard = guard_output(directory, make_fingerprint("download", None, repo=plan.repo), key="download")
+    try:
+        _fetch_into(directory, cfg, plan, ledger, result, token, workers, progress, tokenizer_path, offline)
+        guard.finish()
+    finally:
+        guard.close()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _fetch_into(directory: Path, cfg: GrokConfig, plan: DownloadPlan, ledger: Ledger, result: DownloadResult,
+                token, workers, progress, tokenizer_path, offline) -> None:
     if cfg != load_preset("grok-1"):
         cfg.save(directory / CONFIG_FILE)  # readers take grok-1 when there is none
     present = set(result.present)
     todo = [f for f in plan.files if f.path not in present]
     if offline:
-        missing = [f.path for f in todo if not _check_present(f, directory / f.path, ledger)]
+        missing = [f.path for f in todo if not check_present(f, directory / f.path, ledger)]
         if missing:
             raise DownloadError(f"HF_HUB_OFFLINE is set and {len(missing)} of {len(plan.files)} files are not "
                                 f"(whole) in {directory} yet (first: {missing[0]}: not the size and sha256 "
                                 f"{MANIFEST} records)", hint="unset HF_HUB_OFFLINE to fetch them")
     else:
         _write_manifest(directory, plan, ledger, complete=False)
-        fetcher = _Fetcher(directory, plan, token, ledger, workers, progress)
+        fetcher = Fetcher(directory, plan, token, ledger, workers, progress)
         try:
             fetcher.run(todo)
         finally:
@@ -722,108 +280,5 @@ def download(directory, cfg: GrokConfig, *, repo: str = DEFAULT_REPO, revision: 
         plan.tokenizer = _install_tokenizer(tokenizer_path, directory, ledger)
     if not offline:
         _write_manifest(directory, plan, ledger, complete=True)
-        with contextlib.suppress(OSError):
-            (directory / _PARTIAL).rmdir()  # empty once every transfer finished
-    result.seconds = time.monotonic() - started
-    return result
-
-
-# ----------------------------------------------------------------------------------------- verify
-
-@dataclass
-class VerifyReport:
-    kind: str                  # "manifest" or "safetensors"
-    source: str                # what was checked against, in words
-    files: int = 0
-    bytes: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-def verify_dir(directory, *, workers: int = 4, progress: bool | None = None) -> VerifyReport:
-    """Check a directory after the fact.
-
-    A grokconv download: every file of its manifest, size and sha256. Otherwise a safetensors
-    checkpoint: every shard its index names exists, its header parses and tiles the file, and holds
-    the tensors the index assigns it (without an index, every ``*.safetensors`` file's header).
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory")
-    m = read_manifest(directory)
-    if m is not None:
-        return _verify_manifest(directory, m, workers, progress)
-    if any(directory.glob("*.safetensors")) or any(directory.glob("*.safetensors.index.json")):
-        return _verify_safetensors(directory)
-    raise CheckpointFormatError(f"nothing to verify: no {MANIFEST} and no *.safetensors files", path=directory,
-                                hint="a download without a manifest is checked by re-running "
-                                     "`grokconv download --dir DIR` (finished files are hashed, not fetched)")
-
-
-def _verify_manifest(directory: Path, m: dict, workers: int, progress: bool | None) -> VerifyReport:
-    report = VerifyReport("manifest", f"{m.get('repo')}@{m.get('revision')} ({str(m.get('commit'))[:12]})")
-    entries = m["files"]
-    report.files = len(entries)
-    report.bytes = sum(e["size"] for e in entries)
-    bar = _Progress(report.bytes, "verify", progress)
-
-    def check(e: dict) -> str | None:
-        path = directory / e["path"]
-        if not path.is_file():
-            return f"{e['path']}: missing (listed in {MANIFEST})"
-        size = path.stat().st_size
-        if size != e["size"]:
-            bar.update(e["size"])
-            return f"{e['path']}: size {size:,} bytes, expected {e['size']:,} ({MANIFEST})"
-        if not e.get("sha256"):
-            bar.update(size)
-            return f"{e['path']}: no sha256 recorded in {MANIFEST} (its download never finished)"
-        sha = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_READ_CHUNK):
-                sha.update(chunk)
-                bar.update(len(chunk))
-        got = sha.hexdigest()
-        return None if got == e["sha256"] else f"{e['path']}: sha256 {got}, expected {e['sha256']} ({MANIFEST})"
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            report.problems = [p for p in pool.map(check, entries) if p]
-    finally:
-        bar.close()
-    return report
-
-
-def _verify_safetensors(directory: Path) -> VerifyReport:
-    from .formats.safetensors_io import read_header
-    indexes = sorted(directory.glob("*.safetensors.index.json"))
-    report = VerifyReport("safetensors", ", ".join(p.name for p in indexes) or "shard headers (no index)")
-    wanted: dict[str, set[str]] = {}
-    for index in indexes:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            report.problems.append(f"{index.name}: not a safetensors index ({type(e).__name__}: {e})")
-            continue
-        for name, shard in weight_map.items():
-            wanted.setdefault(shard, set()).add(name)
-    if not indexes:
-        wanted = {p.name: set() for p in sorted(directory.glob("*.safetensors"))}
-    for shard, names in sorted(wanted.items()):
-        path = directory / shard
-        if not path.is_file():
-            report.problems.append(f"{shard}: missing ({len(names)} tensors of the index are in it)")
-            continue
-        report.files += 1
-        report.bytes += path.stat().st_size
-        try:
-            keys = set(read_header(path)[0])  # every format rule, reads no tensor data
-        except CheckpointFormatError as e:
-            report.problems.append(str(e))
-            continue
-        if names - keys:
-            report.problems.append(f"{shard}: lacks {len(names - keys)} tensor(s) the index puts there, "
-                                   f"first {sorted(names - keys)[0]}")
-        if indexes and keys - names:
-            report.problems.append(f"{shard}: holds {len(keys - names)} tensor(s) the index does not list, "
-                                   f"first {sorted(keys - names)[0]}")
-    return report
+        # hf_hub_download's own state (.cache/huggingface) and what a killed run of it left
+        shutil.rmtree(directory / STAGING, ignore_errors=True)

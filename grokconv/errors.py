@@ -4,7 +4,7 @@ from __future__ import annotations
 __all__ = [
     "GrokconvError", "CheckpointFormatError", "UnsafePickleError", "MissingTensorError",
     "ShapeMismatchError", "TruncatedFileError", "LayoutError", "DownloadError", "ParityError",
-    "EngineUnavailableError", "DiskFullError",
+    "EngineUnavailableError", "DiskFullError", "OutputMismatchError", "OutputLockedError",
 ]
 
 
@@ -67,3 +67,11 @@ class ParityError(GrokconvError, AssertionError):
 
 class EngineUnavailableError(GrokconvError, ImportError):
     """``parity --engine`` asked for an engine whose library is not installed."""
+
+
+class OutputMismatchError(GrokconvError, FileExistsError):
+    """The output already holds files another source or other options made (``--overwrite`` replaces them)."""
+
+
+class OutputLockedError(GrokconvError, BlockingIOError):
+    """Another live run is writing the same output."""

@@ -7,7 +7,8 @@
    infos only, and the bytes it would write before the data are taken from it.
 2. Write each part under ``*.incomplete``: header first, then every tensor a row chunk at a time at
    its planned offset (``pwrite``), by a pool of workers, one expert slice at a time; rename when
-   whole. A part already on disk with the planned size and header is complete and is skipped (resume).
+   whole. A part already on disk is kept only when this run's fingerprint (``grokconv.*`` key/values:
+   source files and options) made it durable and its size and header match the plan (resume).
 3. ``q8_0`` from the original int8 keeps it: ``d = fp16(scale)``, ``qs = int8`` (exact whenever the
    scale is an fp16 number; the other blocks are counted and their error reported). Float sources,
    and the float embedding, get ordinary Q8_0.
@@ -30,7 +31,8 @@ import torch
 from .convert import Summary, _source_bytes
 from .errors import GrokconvError, LayoutError, MissingTensorError
 from .export import CHUNK_BYTES, SourceRows
-from .formats.atomic import TMP_SUFFIX, atomic_write_text, is_complete, write_planned
+from .formats.atomic import atomic_write_text, is_complete, write_planned
+from .formats.outputs import guard_output, make_fingerprint
 from .formats.base import CheckpointReader, open_checkpoint
 from .formats.gguf import require_gguf
 from .mapping import MAPPINGS_DIR, Layout, Target, load_layout
@@ -38,10 +40,11 @@ from .quant.metrics import ErrorAccumulator
 from .quant.q8_0 import QK8_0, Q8Stats, q8_0_from_int8, quantize_q8_0
 from .runtime import peak_rss_bytes, resolve_workers, torch_threads_per_worker
 from .tensor import QInt8
+from .tokenizer import find_tokenizer
 from .units import parse_size
 
 __all__ = ["GGUF_TYPES", "GGUFPlan", "GGUFPart", "GGUFTensor", "plan_gguf", "to_gguf", "sentencepiece_vocab",
-           "find_tokenizer", "REPORT_SUFFIX"]
+           "gguf_tokenizer", "REPORT_SUFFIX"]
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 REPORT_SUFFIX = ".grokconv-report.json"
@@ -88,20 +91,15 @@ class GGUFPlan:
 
 
 # -- the vocabulary ----------------------------------------------------------------------------------
-def find_tokenizer(reader: CheckpointReader, tokenizer=None) -> Path:
-    if tokenizer is not None:
-        p = Path(tokenizer)
-        if not p.is_file():
-            raise MissingTensorError("no such tokenizer file", path=p)
-        return p
-    root = Path(reader.path)
-    for cand in (root / "tokenizer.model", root.parent / "tokenizer.model"):
-        if cand.is_file():
-            return cand
-    raise MissingTensorError(
-        "GGUF carries the vocabulary, and there is no tokenizer.model beside the checkpoint", path=root,
-        hint="pass --tokenizer PATH (Grok-1's SentencePiece tokenizer.model, from github.com/xai-org/grok-1 "
-             "or `grokconv download`)")
+def gguf_tokenizer(reader: CheckpointReader, tokenizer=None) -> Path:
+    """The vocabulary's ``tokenizer.model`` (:func:`grokconv.tokenizer.find_tokenizer`); GGUF needs one."""
+    found = find_tokenizer(reader.path, tokenizer)
+    if found is None:
+        raise MissingTensorError(
+            "GGUF carries the vocabulary, and there is no tokenizer.model beside the checkpoint", path=reader.path,
+            hint="pass --tokenizer PATH (Grok-1's SentencePiece tokenizer.model, from github.com/xai-org/grok-1 "
+                 "or `grokconv download`)")
+    return found
 
 
 def sentencepiece_vocab(path: Path, vocab_size: int) -> tuple[list, list, list]:
@@ -151,7 +149,9 @@ def _types_for(target: Target, want: str, data: dict, notes: list) -> str:
 
 
 def plan_gguf(reader: CheckpointReader, type: str = "q8_0", *, out="model.gguf", tokenizer=None,
-              max_shard_size=None, source_dir=None) -> GGUFPlan:
+              max_shard_size=None, source_dir=None, metadata=None) -> GGUFPlan:
+    """The plan of every part (its header bytes included). ``metadata``: string key/values written after
+    the vocabulary (the run's fingerprint)."""
     gguf = require_gguf()
     from gguf.gguf_writer import GGUFWriter, WriterState
     if type not in GGUF_TYPES:
@@ -163,7 +163,7 @@ def plan_gguf(reader: CheckpointReader, type: str = "q8_0", *, out="model.gguf",
                           f"{layers}", path=reader.path)
     lay = load_layout("gguf")
     data = _mapping(lay)
-    tok_path = find_tokenizer(reader, tokenizer)
+    tok_path = gguf_tokenizer(reader, tokenizer)
     tokens, scores, toktypes = sentencepiece_vocab(tok_path, cfg.vocab_size)
 
     notes: list[str] = []
@@ -193,6 +193,8 @@ def plan_gguf(reader: CheckpointReader, type: str = "q8_0", *, out="model.gguf",
     for kind, tid in (("bos", cfg.bos_token), ("eos", cfg.eos_token), ("pad", cfg.pad_token)):
         if 0 <= tid < len(tokens):
             {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "pad": w.add_pad_token_id}[kind](tid)
+    for key, value in (metadata or {}).items():
+        w.add_string(key, value)
 
     # what gguf-py would write before the data, per part (split.* keys included)
     out = Path(out)
@@ -335,20 +337,39 @@ class GGUFSummary(Summary):
 
 
 def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None, workers: int | None = None,
-            dry_run: bool = False, progress: bool = True) -> GGUFSummary | GGUFPlan:
+            dry_run: bool = False, progress: bool = True, overwrite: bool = False) -> GGUFSummary | GGUFPlan:
     """Convert any readable checkpoint to GGUF at ``out`` (``-0000k-of-0000N.gguf`` parts with
-    ``max_shard_size``). Returns a :class:`GGUFSummary`, or the :class:`GGUFPlan` with ``dry_run``."""
+    ``max_shard_size``). Returns a :class:`GGUFSummary`, or the :class:`GGUFPlan` with ``dry_run``.
+
+    Every part carries the run's fingerprint (``grokconv.*`` key/values); resume keeps a part only when
+    this fingerprint made it durable, and another run's output at ``out`` is an error unless ``overwrite``."""
     out = Path(out)
     if out.suffix != ".gguf":
         raise LayoutError("the output must be a file name ending in .gguf", path=out)
     reader = open_checkpoint(src)
+    fp = None
+    if not dry_run:
+        if type not in GGUF_TYPES:
+            raise LayoutError(f"unknown --type {type!r}; choose one of {', '.join(GGUF_TYPES)}")
+        fp = make_fingerprint("to-gguf", reader.path, type=type, tokenizer=gguf_tokenizer(reader, tokenizer),
+                              max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
     plan = plan_gguf(reader, type, out=out, tokenizer=tokenizer, max_shard_size=max_shard_size,
-                     source_dir=Path(src))
+                     source_dir=Path(src), metadata=None if fp is None else fp.metadata())
     if dry_run:
         return plan
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for part in plan.parts:              # a killed run's partial files (only this output's names)
-        out.with_name(part.filename + TMP_SUFFIX).unlink(missing_ok=True)
+    owned = (out.name, f"{out.stem}-*-of-*.gguf", out.stem + REPORT_SUFFIX)
+    guard = guard_output(out.parent, fp, key=out.name, owned=owned, overwrite=overwrite, label=out)
+    try:
+        summary = _write_parts(reader, plan, out, guard, type=type, workers=workers, progress=progress)
+        guard.finish()
+    finally:
+        guard.close()
+        reader.close()
+    return summary
+
+
+def _write_parts(reader, plan: GGUFPlan, out: Path, guard, *, type, workers, progress) -> GGUFSummary:
+    """Every part not already complete for this fingerprint; the report just before the last part."""
     summary = GGUFSummary()
     t0 = time.perf_counter()
     from tqdm import tqdm
@@ -369,7 +390,7 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
     try:
         for part in plan.parts:
             final = out.with_name(part.filename)
-            if is_complete(final, part.size, part.header):
+            if guard.is_complete(final, lambda p, part=part: is_complete(p, part.size, part.header)):
                 summary.shards_skipped += 1
                 bar.update(part.size)
                 continue
@@ -381,12 +402,15 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
                     for f in futs:
                         summary.bytes_read += f.result()
 
-            def report(final=final):
+            last = part is plan.parts[-1]
+
+            def durable(final=final, part=part, last=last):
                 # the report goes to its final name before the last part does: output that looks
                 # complete always has its report, and a killed run leaves neither
-                _write_report(summary, results, type, out, summary.parts + [str(final)])
-            last = part is plan.parts[-1]
-            write_planned(final, part.size, part.header, fill, on_bytes, before_rename=report if last else None)
+                if last:
+                    _write_report(summary, results, type, out, summary.parts + [str(final)])
+                guard.done(final, part.size)
+            write_planned(final, part.size, part.header, fill, on_bytes, before_rename=durable)
             reported = reported or last
             summary.tensors += len(part.tensors)
             summary.shards_written += 1
@@ -394,7 +418,6 @@ def to_gguf(src, out, *, type: str = "q8_0", tokenizer=None, max_shard_size=None
     finally:
         bar.close()
         torch.set_num_threads(saved_threads)
-        reader.close()
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss = peak_rss_bytes()
     if not reported:

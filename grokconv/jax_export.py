@@ -20,6 +20,7 @@ from .quant.metrics import ErrorAccumulator
 from .formats.atomic import atomic_write_text
 from .formats.base import open_checkpoint
 from .formats.jax import CKPT_DIR, write_param_file
+from .formats.outputs import guard_output, make_fingerprint
 from .schema import ParamSpec
 from .tensor import BF16, QInt8, as_dense, dequantize, from_torch, to_torch
 
@@ -60,27 +61,45 @@ def _release(reader, name, index):
         release(name, index)
 
 
-def to_jax(src, dst, *, layers=None, progress: bool = True, echo=print) -> Summary:
+OWNED = (f"{CKPT_DIR}/tensor*_000", CONFIG_FILE, REPORT_FILE)    # what --overwrite replaces
+
+
+def to_jax(src, dst, *, layers=None, progress: bool = True, overwrite: bool = False, echo=print) -> Summary:
+    """Write ``src`` in the release's format under ``dst``. Resume keeps only files this source made
+    (fingerprint in ``dst/.grokconv/output.json``); another run's output is an error unless ``overwrite``."""
     reader = open_checkpoint(src, layers=layers)
-    dst = Path(dst)
-    out = dst / CKPT_DIR
-    out.mkdir(parents=True, exist_ok=True)
     if layers is not None and sorted(layers) != list(range(reader.config.num_layers)):
         raise ValueError("the original format names files by position, so it holds every layer: "
                          "a slice cannot be written as a checkpoint of the same config")
+    dst = Path(dst)
+    guard = guard_output(dst, make_fingerprint("to-jax", reader.path), owned=OWNED, overwrite=overwrite)
+    try:
+        summary = _write_files(reader, dst, guard, progress)
+        guard.finish()
+    finally:
+        guard.close()
+    return summary
+
+
+def _write_files(reader, dst: Path, guard, progress: bool) -> Summary:
+    out = dst / CKPT_DIR
+    out.mkdir(parents=True, exist_ok=True)
     summary, errors = Summary(), {}
     t0 = time.perf_counter()
     from tqdm import tqdm
     specs = reader.specs()
     for spec in tqdm(specs, desc="to-jax", unit="file", disable=not progress):
         path = out / spec.file
-        if path.exists():        # written atomically: an existing file is complete (resume)
+        if guard.is_complete(path):          # made durable by a run of this same source (resume)
             summary.shards_skipped += 1
             continue
+
+        def durable(n, path=path):
+            guard.done(path, n)
         if spec.kind == "qw8":
             acc = ErrorAccumulator(fast=True)
             value = _quantized_value(spec, reader, acc)
-            summary.bytes_written += write_param_file(path, spec, value)
+            summary.bytes_written += write_param_file(path, spec, value, durable)
             if acc.numel:
                 errors[spec.name] = acc.result()
         else:
@@ -90,13 +109,13 @@ def to_jax(src, dst, *, layers=None, progress: bool = True, echo=print) -> Summa
             if np.asarray(v).dtype != np.float32:
                 errors[spec.name] = {"note": f"source stored {np.asarray(v).dtype}; widened to float32 exactly, "
                                              "the original float32 digits beyond it are not recoverable"}
-            summary.bytes_written += write_param_file(path, spec, np.ascontiguousarray(f32))
+            summary.bytes_written += write_param_file(path, spec, np.ascontiguousarray(f32), durable)
         summary.tensors += 1
-    reader.config.save(dst / CONFIG_FILE)
-    summary.seconds = time.perf_counter() - t0
-    summary.peak_rss = peak_rss_bytes()
-    summary.errors = errors
     if errors:
         atomic_write_text(dst / REPORT_FILE, json.dumps({"to": "jax", "tensors": errors}, indent=1,
                                                         sort_keys=True) + "\n")
+    reader.config.save(dst / CONFIG_FILE)            # last: the marker of a whole checkpoint
+    summary.seconds = time.perf_counter() - t0
+    summary.peak_rss = peak_rss_bytes()
+    summary.errors = errors
     return summary

@@ -11,7 +11,6 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -377,11 +376,11 @@ def parse_tokens(text: str) -> torch.Tensor:
 
 def encode_text(text: str, reader: CheckpointReader) -> torch.Tensor:
     """Encode with the SentencePiece ``tokenizer.model`` beside the checkpoint (no BOS, as runners.py)."""
-    root = Path(reader.path)
-    candidates = [root / "tokenizer.model", root.parent / "tokenizer.model"]
-    model = next((p for p in candidates if p.is_file()), None)
+    from .tokenizer import TOKENIZER_FILE, find_tokenizer
+    model = find_tokenizer(reader.path)
     if model is None:
-        raise GrokconvError(f"--text needs a tokenizer.model beside checkpoint A (looked for {candidates[0]})",
+        where = reader.path if reader.path.is_dir() else reader.path.parent
+        raise GrokconvError(f"--text needs a tokenizer.model beside checkpoint A (looked for {where / TOKENIZER_FILE})",
                             hint="copy tokenizer.model from github.com/xai-org/grok-1 there, or pass --tokens")
     try:
         import sentencepiece

@@ -23,6 +23,7 @@ from .config import CONFIG_FILE, GrokConfig
 from .errors import CheckpointFormatError
 from .formats.atomic import atomic_write
 from .formats.jax import CKPT_DIR, write_param_file
+from .formats.outputs import guard_output, make_fingerprint
 from .schema import ParamSpec, param_specs
 from .tensor import BF16
 
@@ -87,22 +88,35 @@ def synth_value(spec: ParamSpec, cfg: GrokConfig, seed: int):
     return (1.0 + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)  # a norm scale
 
 
-def synthesize(out: Path, cfg: GrokConfig, *, seed: int = 0, layers=None, progress=None) -> Path:
-    """Write a complete checkpoint (``out/ckpt-0/*`` and ``out/grokconv-config.json``)."""
+OWNED = (f"{CKPT_DIR}/tensor*_000", CONFIG_FILE, "tokenizer.model")   # what --overwrite replaces
+
+
+def synthesize(out: Path, cfg: GrokConfig, *, seed: int = 0, layers=None, progress=None,
+               overwrite: bool = False) -> Path:
+    """Write a complete checkpoint (``out/ckpt-0/*`` and ``out/grokconv-config.json``).
+
+    Resumable: a file is kept only when a run of this config, seed and layer set made it durable
+    (``out/.grokconv/output.json``); another synth's output in ``out`` is an error unless ``overwrite``."""
     out = Path(out)
-    d = out / CKPT_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    cfg.validate().save(out / CONFIG_FILE)
-    wanted = None if layers is None else set(layers)
-    for spec in param_specs(cfg):
-        if wanted is not None and spec.layer is not None and spec.layer not in wanted:
-            continue
-        if (d / spec.file).exists():  # resumable: files are written atomically, so an existing one is whole
-            continue
-        value = synth_value(spec, cfg, seed)
-        write_param_file(d / spec.file, spec, value)
-        if progress:
-            progress(spec)
+    cfg = cfg.validate()
+    fp = make_fingerprint("synth", None, config=cfg.to_dict(), seed=seed,
+                          layers=None if layers is None else sorted(set(layers)))
+    with guard_output(out, fp, owned=OWNED, overwrite=overwrite) as guard:
+        d = out / CKPT_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        wanted = None if layers is None else set(layers)
+        for spec in param_specs(cfg):
+            if wanted is not None and spec.layer is not None and spec.layer not in wanted:
+                continue
+            path = d / spec.file
+            if guard.is_complete(path):
+                continue
+            value = synth_value(spec, cfg, seed)
+            write_param_file(path, spec, value, durable=lambda n, path=path: guard.done(path, n))
+            if progress:
+                progress(spec)
+        cfg.save(out / CONFIG_FILE)
+        guard.finish()
     return out
 
 
@@ -114,11 +128,19 @@ def trained_manifest(name: str = "tiny-trained") -> dict:
     return json.loads(path.read_text())
 
 
-def write_trained(out: Path, name: str = "tiny-trained") -> Path:
+def write_trained(out: Path, name: str = "tiny-trained", overwrite: bool = False) -> Path:
     """Write the trained preset ``name`` to ``out`` (``ckpt-0/*``, ``grokconv-config.json``,
     ``tokenizer.model``) after checking the packaged archive's sha256 and then each file's."""
     out = Path(out)
     manifest = trained_manifest(name)
+    fp = make_fingerprint("synth", None, preset=name, archive_sha256=manifest["archive_sha256"])
+    with guard_output(out, fp, owned=OWNED, overwrite=overwrite) as guard:
+        _unpack_trained(out, manifest, guard)
+        guard.finish()
+    return out
+
+
+def _unpack_trained(out: Path, manifest: dict, guard) -> None:
     archive = PRESET_DATA / manifest["archive"]
     data = archive.read_bytes() if archive.is_file() else b""
     got = hashlib.sha256(data).hexdigest()
@@ -135,9 +157,10 @@ def write_trained(out: Path, name: str = "tiny-trained") -> Path:
             payload = tar.extractfile(member).read()
             if hashlib.sha256(payload).hexdigest() != files[member.name]:
                 raise CheckpointFormatError(f"{member.name}: sha256 differs from the manifest", path=archive)
-            with atomic_write(out / member.name) as f:
-                f.write(payload)
+            path = out / member.name
+            if not guard.is_complete(path):
+                with atomic_write(path, durable=lambda n, path=path: guard.done(path, n)) as f:
+                    f.write(payload)
             seen.add(member.name)
     if seen != set(files):
         raise CheckpointFormatError(f"archive lacks {sorted(set(files) - seen)[:3]}", path=archive)
-    return out

@@ -74,7 +74,9 @@ def _build_gguf(base: Path, dst: Path) -> None:
     dst.mkdir(parents=True)
     to_gguf(base, dst / "model.gguf", type="q8_0", tokenizer=train_tokenizer(dst), progress=False)
     for p in dst.iterdir():
-        if p.suffix != ".gguf":
+        if p.is_dir():
+            shutil.rmtree(p)          # .grokconv: the output's record (not part of a GGUF input)
+        elif p.suffix != ".gguf":
             p.unlink()
 
 
@@ -111,7 +113,7 @@ INPUTS = [
     InputKind("jax", None, ("ckpt-0/tensor*", "grokconv-config.json"), ("inspect", "to-safetensors")),
     InputKind("safetensors-bf16", ["to-safetensors", "{base}", "{dst}", "--max-shard-size", "2MB", "--no-progress"],
               ("*.safetensors", "model.safetensors.index.json", "config.json", "grokconv-config.json"),
-              ("inspect", "to-safetensors")),
+              ("inspect", "to-safetensors", "verify")),
     InputKind("safetensors-int8", ["to-safetensors", "{base}", "{dst}", "--quantize", "int8", "--layout", "sglang",
                                    "--max-shard-size", "2MB", "--no-progress"],
               ("*.safetensors", "model.safetensors.index.json", "config.json"), ("inspect", "to-safetensors")),
@@ -140,6 +142,18 @@ COMMANDS = {
 OPS = ("flip", "overwrite", "insert", "delete", "truncate", "trailing")
 OP_WEIGHTS = (3, 3, 2, 2, 1, 1)
 HEAD = 400                   # "the first few hundred bytes": where 80% of positions are drawn
+# a JSON file (an index, a manifest, a config) also gets structural mutations half the time: the value
+# at node ``pos`` of a depth-first walk (0: the whole document) replaced by another shape
+JSON_VALUES = ([], ["model-00001-of-00001.safetensors"], {}, {"a": 1}, 0, -1, 7, 2 ** 70, 1e308, "",
+               "../x", None, True, [[]], {"weight_map": []})
+
+
+def _json_slots(obj):
+    """(container, key) of every value below ``obj``, depth first."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield obj, k
+        yield from _json_slots(v)
 
 
 # ------------------------------------------------------------------------------------------- cases
@@ -169,6 +183,16 @@ class Case:
             del b[self.pos:]
         elif self.op == "trailing":
             b += bytes.fromhex(self.data)
+        elif self.op == "json":
+            doc = json.loads(bytes(b))
+            value = json.loads(bytes.fromhex(self.data))
+            slots = list(_json_slots(doc))
+            if self.pos == 0 or not slots:
+                doc = value
+            else:
+                parent, key = slots[(self.pos - 1) % len(slots)]
+                parent[key] = value
+            b = bytearray(json.dumps(doc, indent=1).encode())
         elif self.op in ("selftest-hang", "selftest-crash"):   # the harness's own test of its guards
             if self.op == "selftest-hang":
                 time.sleep(3600)
@@ -207,6 +231,14 @@ def make_case(seed: int, inputs: dict[str, Path], kinds=None) -> Case:
     elif op == "trailing":
         case.pos = size
         case.data = rng.randbytes(rng.choice([1, 1, 2, 8, 64])).hex()
+    if rel.endswith(".json") and rng.random() < 0.5:
+        try:
+            slots = sum(1 for _ in _json_slots(json.loads((root / rel).read_bytes())))
+        except ValueError:
+            return case
+        value = rng.choice(JSON_VALUES)
+        if json.dumps(value) != json.dumps(json.loads((root / rel).read_bytes())):
+            case = Case(kind, rel, "json", rng.randrange(slots + 1), json.dumps(value).encode().hex(), seed=seed)
     return case
 
 

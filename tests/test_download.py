@@ -152,7 +152,21 @@ def test_dry_run_lists_files_and_total_and_writes_nothing(hub, tmp_path):
     assert not dest.exists() and not hub.file_gets("test/random")
 
 
-def test_killed_run_resumes_with_range_and_keeps_finished_files(hub, tmp_path):
+def _largest_partial(staging: Path) -> int:
+    """The largest of huggingface_hub's temporary files (others are renamed away while we look)."""
+    sizes = [0]
+    for p in staging.rglob("*.incomplete") if staging.is_dir() else []:
+        try:
+            sizes.append(p.stat().st_size)
+        except FileNotFoundError:
+            pass
+    return max(sizes)
+
+
+def test_killed_run_keeps_finished_files_and_fetches_the_cut_one_again(hub, tmp_path):
+    """What is lost against the old transfer engine (README): hf_hub_download writes each transfer to a
+    temporary name unique to its process, so the file a kill cut is fetched again from byte 0 (no
+    Range); every finished file is kept, and the dead run's temporary file is gone after the re-run."""
     dest = tmp_path / "ck"
     args = ["download", "--repo", "test/big", "--preset", "tiny", "--no-tokenizer", "--workers", "4",
             "--dir", str(dest)]
@@ -160,14 +174,12 @@ def test_killed_run_resumes_with_range_and_keeps_finished_files(hub, tmp_path):
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "grokconv.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # the big file's partial (named by its sha256): another file's .part may be renamed at any moment
-    big_part = dest / ".grokconv/partial" / f"{hashlib.sha256(hub.repos['test/big'].files[BIG_FILE]).hexdigest()}.part"
-    parts = [big_part]
+    staging = dest / ".grokconv" / "staging"
     try:
         deadline = time.monotonic() + 60
-        while True:  # the big file half on disk, every other file finished
+        while True:  # the big file half on disk (huggingface_hub's temporary file), every other file finished
             done = [p for p in (dest / "ckpt-0").glob("tensor*")] if (dest / "ckpt-0").is_dir() else []
-            if big_part.exists() and big_part.stat().st_size >= 10 << 20 and len(done) == len(ckpt_paths()) - 1:
+            if len(done) == len(ckpt_paths()) - 1 and _largest_partial(staging) >= 10 << 20:
                 break
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the first run never reached the stall"
@@ -175,34 +187,37 @@ def test_killed_run_resumes_with_range_and_keeps_finished_files(hub, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+        proc.stderr.close()
     hub.stall_at.clear()
     hub.release.set()
     assert not (dest / BIG_FILE).exists() and not dl.read_manifest(dest)["complete"]
-    have = parts[0].stat().st_size
 
     start = len(hub.file_gets("test/big"))
     res = cli(*args)
     assert res.exit_code == 0, res.output
     rerun = hub.file_gets("test/big")[start:]
-    assert [(r.path.split("/", 5)[-1], r.range) for r in rerun] == [(BIG_FILE, f"bytes={have}-")]
+    assert [(r.path.split("/", 5)[-1], r.range) for r in rerun] == [(BIG_FILE, None)]
     assert (dest / BIG_FILE).read_bytes() == hub.repos["test/big"].files[BIG_FILE]
     assert "fetched 1 " in res.output and f"{len(ckpt_paths()) - 1} already present" in res.output
     assert dl.verify_dir(dest).problems == [] and dl.read_manifest(dest)["complete"]
-    assert not list((dest / ".grokconv/partial").glob("*"))
+    assert not staging.exists()
 
 
-def test_resume_against_a_server_that_ignores_range(hub, tmp_path):
+def test_xet_enabled_falls_back_to_http_on_a_hub_without_xet(hub, tmp_path):
+    """hf_xet installed and HF_HUB_DISABLE_XET unset (huggingface_hub reads it at import: a fresh
+    process): the emulator sends no Xet headers, so huggingface_hub fetches over HTTP, and the files
+    are the hub's."""
+    pytest.importorskip("hf_xet")
     dest = tmp_path / "ck"
-    target = f"ckpt-0/{file_name(0)}"
-    data = hub.repos["test/random"].files[target]
-    sha = hashlib.sha256(data).hexdigest()
-    (dest / ".grokconv/partial").mkdir(parents=True)
-    (dest / f".grokconv/partial/{sha}.part").write_bytes(data[:100])   # left by an earlier run
-    hub.ignore_range = True
-    result = fetch(dest)
-    [get] = hub.file_gets("test/random", target)
-    assert get.range == "bytes=100-" and result.retried == []     # 200 came back: started over, cleanly
-    assert (dest / target).read_bytes() == data
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"} | {"HF_ENDPOINT": hub.endpoint}
+    proc = subprocess.run([sys.executable, "-m", "grokconv.cli", "download", "--repo", "test/random", "--preset",
+                           "tiny", "--layers", "0", "--no-tokenizer", "--dir", str(dest)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for p in ckpt_paths([0]):
+        assert (dest / p).read_bytes() == hub.repos["test/random"].files[p]
+    assert sorted(fetched_paths(hub)) == sorted(ckpt_paths([0]))
+    assert dl.verify_dir(dest).problems == []
 
 
 def test_corrupted_transfer_is_fetched_again(hub, tmp_path):
@@ -223,7 +238,8 @@ def test_corrupted_file_stops_with_one_line_error_and_nothing_unverified_kept(hu
     lines = res.output.strip().splitlines()
     assert lines[-2].startswith(f"error: {target} from test/random@") and "failed verification twice: sha256" in \
         lines[-2] and lines[-1].startswith("hint: ")
-    assert not (dest / target).exists() and not list((dest / ".grokconv/partial").glob("*"))
+    staging = dest / ".grokconv/staging"      # hf_hub_download's local_dir: no copy of the bad bytes either
+    assert not (dest / target).exists() and not (staging / target).exists() and not list(staging.rglob("*.incomplete"))
     assert not dl.read_manifest(dest)["complete"]
 
 
@@ -335,9 +351,10 @@ def test_full_disk_before_and_during_the_transfer(hub, tmp_path, monkeypatch):
         with pytest.raises(DownloadError, match=f"not enough disk space in .*: {need} to fetch, 500 B free"):
             fetch(dest)
 
-    def full(self, data):
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(dl._PartWriter, "write", full)
+    import grokconv.hub.fetch as fetch_mod
+    monkeypatch.setattr(fetch_mod, "hf_hub_download", full)
     with pytest.raises(DownloadError, match="disk full while writing ckpt-0/tensor"):
         fetch(dest)
     assert not list((dest / "ckpt-0").iterdir()) and not dl.read_manifest(dest)["complete"]
@@ -365,3 +382,33 @@ def test_tokenizer_from_a_local_file_or_a_git_stored_one(hub, tmp_path, monkeypa
 def test_bad_layer_range_is_a_usage_error(tmp_path):
     res = cli("download", "--preset", "tiny", "--layers", "0-12", "--dir", str(tmp_path / "ck"))
     assert res.exit_code == 2 and "layers [12] out of range" in res.output
+
+
+# -- issue 17: verify validates every index shape and never crashes ----------------------------------------
+@pytest.mark.parametrize("weight_map", [["m-1.safetensors"], {"a": ["m-1.safetensors"]}, {"a": 1}, {"a": None},
+                                        {}, "m-1.safetensors", {"a": "../m-1.safetensors"}, {"a": {"b": "c"}}],
+                         ids=["list", "name-to-list", "name-to-number", "name-to-null", "empty", "string",
+                              "outside", "name-to-object"])
+def test_verify_refuses_every_index_shape_with_one_error(tmp_path, weight_map):
+    from safetensors.numpy import save_file
+    save_file({"a": np.zeros((2, 3), np.float32)}, tmp_path / "m-1.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    res = cli("verify", str(tmp_path))
+    assert res.exit_code == 2 and "Traceback" not in res.output and isinstance(res.exception, SystemExit), res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and str(index) in errors[0], res.output
+    assert "weight_map" in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("text", ["[]", "1", '"x"', "{", "\xff", '{"weight_map": {"a": "m-1.safetensors"}, '
+                                  '"metadata": []}'], ids=["list", "number", "string", "cut", "bytes", "metadata"])
+def test_verify_refuses_a_broken_index_file(tmp_path, text):
+    from safetensors.numpy import save_file
+    save_file({"a": np.zeros((2, 3), np.float32)}, tmp_path / "m-1.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_bytes(text.encode("latin-1"))
+    res = cli("verify", str(tmp_path))
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    assert res.exit_code == 2 and len(errors) == 1 and str(index) in errors[0] and "Traceback" not in res.output, \
+        res.output

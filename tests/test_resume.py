@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 from grokconv.cli import main
 
-KILLS = int(os.environ.get("RESUME_KILLS", 1))
+KILLS = int(os.environ.get("RESUME_KILLS", 3))      # kill points per writer, drawn from RESUME_SEED
 SEED = int(os.environ.get("RESUME_SEED", 0))
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,8 @@ RESUMABLE = [
               "hub", ".grokconv/manifest.json", volatile=(".grokconv/verified.jsonl",)),
     Resumable("to-gguf", ("to-gguf", "{src}", "{dst}/model.gguf", "--workers", "1", "--no-progress"), "jax",
               "model.gguf"),
+    Resumable("synth", ("synth", "{dst}", "--preset", "tiny", "--seed", "5", "--no-progress"),
+              "none", "grokconv-config.json"),
 ]
 
 
@@ -84,7 +86,7 @@ def sources(small_ckpt, tmp_path_factory, hub):
     int8 = tmp_path_factory.mktemp("int8")
     from grokconv.convert import to_safetensors
     to_safetensors(small_ckpt, int8, quantize="int8", progress=False)   # lossless: to-jax gives the release's bytes
-    return {"jax": small_ckpt, "int8": int8, "hub": None}
+    return {"jax": small_ckpt, "int8": int8, "hub": None, "none": None}
 
 
 def _env(hub) -> dict:
@@ -239,3 +241,176 @@ def test_full_disk_in_process_every_write_path(small_ckpt, sources, tmp_path, mo
             to_megatron(small_ckpt, tmp_path / "mg", tp=2, progress=False)
         assert not list((tmp_path / "mg").rglob("*.incomplete"))
         assert not (tmp_path / "mg" / "latest_checkpointed_iteration.txt").exists()
+
+
+# -- issue 17: nothing mixed, nothing lost --------------------------------------------------------------
+# Each writer, run twice into one output from two sources (or with other options), must either stop with
+# one error naming the output and what differs, or with --overwrite leave the bytes of a fresh run.
+
+@dataclass(frozen=True)
+class Rerun:
+    name: str
+    argv: tuple                  # {src} {dst} {out}
+    first: str                   # a key of the two_sources fixture (or a seed for synth)
+    second: str
+    differs: str                 # what the error must say differs
+    extra2: tuple = ()           # options of the second run only
+    out: str = "{dst}"           # what the error names (the output as the user gave it)
+
+
+RERUNS = [
+    Rerun("to-safetensors", ("to-safetensors", "{src}", "{dst}", "--max-shard-size", "1MB", "--workers", "1",
+                             "--no-progress"), "a", "b", "source file changed: ckpt-0/tensor00000_000"),
+    Rerun("to-safetensors-int8", ("to-safetensors", "{src}", "{dst}", "--quantize", "int8", "--workers", "1",
+                                  "--no-progress"), "a", "b", "source file changed"),
+    Rerun("to-safetensors-options", ("to-safetensors", "{src}", "{dst}", "--workers", "1", "--no-progress"), "a", "a",
+          "quantize was 'none', now 'int8'", extra2=("--quantize", "int8")),
+    Rerun("to-jax", ("to-jax", "{src}", "{dst}", "--no-progress"), "a", "b", "source file changed"),
+    Rerun("to-gguf", ("to-gguf", "{src}", "{dst}/model.gguf", "--workers", "1", "--no-progress"), "a", "b",
+          "source file changed", out="{dst}/model.gguf"),
+    Rerun("to-gguf-type", ("to-gguf", "{src}", "{dst}/model.gguf", "--workers", "1", "--no-progress"), "a", "a",
+          "type was 'q8_0', now 'f16'", extra2=("--type", "f16"), out="{dst}/model.gguf"),
+    Rerun("synth", ("synth", "{dst}", "--layers", "2", "--seed", "{src}", "--no-progress"), "0", "1",
+          "seed was 0, now 1"),
+]
+
+
+@pytest.fixture(scope="module")
+def two_sources(small_ckpt, tmp_path_factory):
+    """``a``: the small checkpoint; ``b``: the same config drawn with another seed (its tokenizer too)."""
+    from grokconv.config import load_preset
+    from grokconv.synth import synthesize
+    b = synthesize(tmp_path_factory.mktemp("small_b") / "grok",
+                   load_preset("tiny").replace(num_layers=4, num_experts=2).validate(), seed=4)
+    shutil.copy(small_ckpt / "tokenizer.model", b / "tokenizer.model")
+    return {"a": small_ckpt, "b": b}
+
+
+def _cli(argv, expect=0):
+    res = CliRunner().invoke(main, [str(a) for a in argv])
+    assert res.exit_code == expect, res.output
+    return res
+
+
+def _rerun_argv(r: Rerun, which: str, dst: Path, sources, extra=()) -> list[str]:
+    src = sources.get(which, which)
+    return [a.format(src=src, dst=dst) for a in r.argv] + list(extra)
+
+
+def _all_files(d: Path) -> dict[str, str]:
+    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("r", RERUNS, ids=[r.name for r in RERUNS])
+def test_second_run_from_another_source_or_options_stops_or_overwrites(r, two_sources, tmp_path):
+    dst = tmp_path / "out"
+    _cli(_rerun_argv(r, r.first, dst, two_sources))
+    first = _all_files(dst)
+    res = _cli(_rerun_argv(r, r.second, dst, two_sources, r.extra2), expect=2)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in res.output, res.output
+    assert errors[0].startswith(f"error: {r.out.format(dst=dst)}: already holds another output: "), errors[0]
+    assert r.differs in errors[0], errors[0]
+    assert "hint: pass --overwrite" in res.stderr
+    assert _all_files(dst) == first                                   # nothing touched
+    _cli(_rerun_argv(r, r.second, dst, two_sources, (*r.extra2, "--overwrite")))
+    fresh = tmp_path / "fresh"
+    _cli(_rerun_argv(r, r.second, fresh, two_sources, r.extra2))
+    assert _all_files(dst) == _all_files(fresh)                      # byte-identical to a fresh run
+    assert first != _all_files(fresh)
+
+
+GUARDED = [r for r in RERUNS if r.name in ("to-safetensors", "to-jax", "to-gguf", "synth")]
+
+
+def _state(d: Path, r: Rerun) -> tuple[Path, str]:
+    """The output's directory and key (formats/outputs.py): a GGUF file's are its folder and its name."""
+    return (d, "model.gguf") if r.name == "to-gguf" else (d, "output")
+
+
+@pytest.mark.parametrize("r", GUARDED, ids=[r.name for r in GUARDED])
+def test_power_loss_renamed_file_of_zeros_is_not_kept(r, two_sources, tmp_path):
+    """What a power loss can leave when data is not fsync'd before the rename: a file under its final
+    name with the right size (and header) and zeros for payload, not in the journal. Resume rewrites it."""
+    from grokconv.formats.outputs import Fingerprint, OutputGuard
+    ref = tmp_path / "ref"
+    _cli(_rerun_argv(r, r.first, ref, two_sources))
+    want = _all_files(ref)
+    dst = tmp_path / "dst"
+    shutil.copytree(ref, dst)
+    d, key = _state(dst, r)
+    record = d / ".grokconv" / f"{key}.json"
+    rec = json.loads(record.read_text())
+    files = rec["files"]
+    victim = max(files, key=lambda f: (files[f], f))                 # the largest finished file
+    rec.update(complete=False, files={})                             # an unfinished run...
+    record.write_text(json.dumps(rec))
+    with OutputGuard(d, Fingerprint.from_dict(rec["fingerprint"]), key=key).start() as g:
+        for f, size in sorted(files.items()):                        # ...whose journal lists the others
+            if f != victim:
+                g.done(d / f, size)
+    data = bytearray((d / victim).read_bytes())
+    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)        # payload lost, size and header kept
+    (d / victim).write_bytes(bytes(data))
+    _cli(_rerun_argv(r, r.first, dst, two_sources))
+    assert _all_files(dst) == want
+
+
+SOURCE_CHANGED = [r for r in RERUNS if r.name in ("to-safetensors", "to-jax", "to-gguf")]
+
+
+@pytest.mark.parametrize("r", SOURCE_CHANGED, ids=[r.name for r in SOURCE_CHANGED])
+def test_resume_after_the_source_changed_under_a_half_finished_run(r, two_sources, tmp_path, monkeypatch):
+    """A run stopped after two files; its source is then replaced (a re-download, another draw): the
+    re-run stops naming the changed files; with --overwrite it gives a fresh run's bytes."""
+    import grokconv.formats.atomic as atomic
+    src = tmp_path / "src"
+    shutil.copytree(two_sources["a"], src)
+    dst = tmp_path / "out"
+    real, calls = atomic.durable_replace, {"n": 0}
+
+    def stop_after_two(tmp, final):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(tmp, final)
+    with monkeypatch.context() as m:
+        m.setattr(atomic, "durable_replace", stop_after_two)
+        res = CliRunner().invoke(main, _rerun_argv(r, "x", dst, {"x": src}))
+    assert res.exit_code != 0 and calls["n"] == 3
+    d, key = _state(dst, r)
+    assert not (d / ".grokconv" / f"{key}.json").read_text().count('"complete": true')
+    shutil.rmtree(src / "ckpt-0")
+    shutil.copytree(two_sources["b"] / "ckpt-0", src / "ckpt-0")
+    res = _cli(_rerun_argv(r, "x", dst, {"x": src}), expect=2)
+    assert "already holds another output: source file changed: ckpt-0/tensor00000_000" in res.stderr, res.output
+    _cli(_rerun_argv(r, "x", dst, {"x": src}, ("--overwrite",)))
+    fresh = tmp_path / "fresh"
+    _cli(_rerun_argv(r, "x", fresh, {"x": src}))
+    assert _all_files(dst) == _all_files(fresh)
+
+
+def test_two_concurrent_runs_into_one_output(two_sources, tmp_path):
+    """The second run stops naming the first one's pid; the first finishes with the bytes of a lone run."""
+    src, dst = two_sources["a"], tmp_path / "out"
+    code = ("import sys, time, grokconv.convert as c; orig = c._run_job\n"
+            "def slow(*a, **k):\n    time.sleep(0.05); return orig(*a, **k)\n"
+            "c._run_job = slow\n"
+            "from grokconv.cli import main\n"
+            f"sys.argv = ['grokconv', 'to-safetensors', {str(src)!r}, {str(dst)!r}, '--max-shard-size', '1MB', "
+            "'--workers', '1', '--no-progress']\nmain()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lock = dst / ".grokconv" / "output.lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    res = _cli(["to-safetensors", src, dst, "--max-shard-size", "1MB", "--workers", "1", "--no-progress"], expect=2)
+    assert f"another grokconv run (pid {proc.pid} on " in res.stderr, res.output
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    proc.stderr.close()
+    ref = tmp_path / "ref"
+    _cli(["to-safetensors", src, ref, "--max-shard-size", "1MB", "--workers", "1", "--no-progress"])
+    assert _all_files(dst) == _all_files(ref)

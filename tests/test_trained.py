@@ -51,7 +51,9 @@ def test_synth_preset_writes_the_verified_checkpoint(tmp_path):
     res = CliRunner().invoke(main, ["synth", str(out), "--preset", "tiny-trained"])
     assert res.exit_code == 0, res.output
     assert "sha256 verified" in res.output and "12 layers" in res.output
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()   # the output's record aside
+                   and p.relative_to(out).parts[0] != ".grokconv")
+    assert json.loads((out / ".grokconv" / "output.json").read_text())["complete"] is True
     assert files == sorted(MANIFEST["files"])
     for name, digest in MANIFEST["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name

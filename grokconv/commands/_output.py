@@ -9,10 +9,15 @@ from pathlib import Path
 
 import click
 
-__all__ = ["json_option", "emit", "summary_dict"]
+__all__ = ["json_option", "overwrite_option", "emit", "summary_dict"]
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print a machine-readable summary (one JSON object) on stdout instead of text.")
+
+overwrite_option = click.option(
+    "--overwrite", is_flag=True,
+    help="Replace an output that another source or other options made (without it, such an output is an error; "
+         "an unfinished output of this same command is resumed either way).")
 
 
 def _plain(v):

@@ -4,7 +4,7 @@ from ..inspect import human
 from ..mapping import layout_names
 from ..roles import ENCODINGS
 from ..schema import parse_layers
-from ._output import emit, json_option, summary_dict
+from ._output import emit, json_option, overwrite_option, summary_dict
 
 
 def _layers(ctx_value, num_layers):
@@ -46,9 +46,10 @@ def print_summary(s, echo=click.echo):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, its shard and size).")
 @click.option("--no-progress", is_flag=True)
+@overwrite_option
 @json_option
 def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layers, tokenizer, max_shard_size, workers,
-          device, dry_run, no_progress, as_json):
+          device, dry_run, no_progress, overwrite, as_json):
     """Convert SRC (any format grokconv reads) to sharded safetensors in DST."""
     from ..convert import to_safetensors
     from ..formats.base import open_checkpoint
@@ -56,7 +57,8 @@ def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layer
         layer_list = _layers(layers, r.config.num_layers)
     res = to_safetensors(src, dst, layout=layout, quantize=quantize, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
                          int8_scheme=int8_scheme, layers=layer_list, max_shard_size=max_shard_size, workers=workers, device=device,
-                         dry_run=dry_run, progress=not no_progress, tokenizer=tokenizer, require_files=True)
+                         dry_run=dry_run, progress=not no_progress, tokenizer=tokenizer, require_files=True,
+                         overwrite=overwrite)
     if dry_run:
         def text():
             for shard in res.shards:
@@ -79,11 +81,12 @@ def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layer
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
 @click.option("--no-progress", is_flag=True)
+@overwrite_option
 @json_option
-def to_jx(src, dst, no_progress, as_json):
+def to_jx(src, dst, no_progress, overwrite, as_json):
     """Write SRC back in the original Grok-1 format (DST/ckpt-0/tensorNNNNN_000)."""
     from ..jax_export import to_jax
-    res = to_jax(src, dst, progress=not no_progress)
+    res = to_jax(src, dst, progress=not no_progress, overwrite=overwrite)
     emit(summary_dict("to-jax", res, src=src, dst=dst), as_json, lambda: print_summary(res))
 
 

@@ -1,7 +1,7 @@
 import click
 
 from ..inspect import human
-from ._output import emit, json_option, summary_dict
+from ._output import emit, json_option, overwrite_option, summary_dict
 
 
 @click.command("to-gguf")
@@ -18,8 +18,9 @@ from ._output import emit, json_option, summary_dict
               help="Tensors converted at once (threads). Default: one per available CPU core.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every part, tensor, type, shape and offset).")
 @click.option("--no-progress", is_flag=True)
+@overwrite_option
 @json_option
-def to_gguf_cmd(src, out, type_, tokenizer, max_shard_size, workers, dry_run, no_progress, as_json):
+def to_gguf_cmd(src, out, type_, tokenizer, max_shard_size, workers, dry_run, no_progress, overwrite, as_json):
     """Convert SRC (any format grokconv reads) to llama.cpp's GGUF (architecture grok) at OUT.gguf."""
     from ..formats.base import open_checkpoint
     from ..gguf_export import to_gguf
@@ -30,7 +31,7 @@ def to_gguf_cmd(src, out, type_, tokenizer, max_shard_size, workers, dry_run, no
                    f"has {cfg.num_q_heads} heads of {cfg.key_size} in d_model {cfg.emb_size}, so llama.cpp will "
                    "refuse the file (grokconv reads it; Grok-1 itself has 48 x 128 = 6144)", err=True)
     res = to_gguf(src, out, type=type_, tokenizer=tokenizer, max_shard_size=max_shard_size, workers=workers,
-                  dry_run=dry_run, progress=not no_progress)
+                  dry_run=dry_run, progress=not no_progress, overwrite=overwrite)
     if dry_run:
         if as_json:
             emit({"command": "to-gguf", "dry_run": True, "type": type_, "total_bytes": res.total_size,

@@ -95,7 +95,8 @@ def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, devic
             line += f", peak GPU {p['peak_gpu_bytes'] / 2**30:.2f} GiB"
         click.echo(line)
     if json_path:
-        Path(json_path).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        from ..formats.atomic import atomic_write_text
+        atomic_write_text(Path(json_path), json.dumps(report.to_dict(), indent=1) + "\n")
     if save_logits:
         report.save_logits(save_logits)
     report.check()

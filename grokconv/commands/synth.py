@@ -2,7 +2,7 @@ import click
 
 from ..config import PRESETS, GrokConfig, load_preset
 from ..synth import TRAINED_PRESETS, synthesize, write_trained
-from ._output import emit, json_option
+from ._output import emit, json_option, overwrite_option
 
 
 @click.command("synth")
@@ -12,8 +12,9 @@ from ._output import emit, json_option
 @click.option("--layers", "num_layers", type=int, help="Number of layers (overrides the preset).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
+@overwrite_option
 @json_option
-def command(out, preset, config_path, num_layers, seed, no_progress, as_json):
+def command(out, preset, config_path, num_layers, seed, no_progress, overwrite, as_json):
     """Write a synthetic checkpoint in the exact format of the Grok-1 release.
 
     `tiny` is small enough for CI and within the original loader's limits; `full-width` has the real
@@ -24,7 +25,7 @@ def command(out, preset, config_path, num_layers, seed, no_progress, as_json):
     if preset in TRAINED_PRESETS:
         if config_path or num_layers:
             raise click.UsageError(f"--preset {preset} is a trained checkpoint: it takes no --config or --layers")
-        cfg = GrokConfig.load(write_trained(out, preset) / "grokconv-config.json")
+        cfg = GrokConfig.load(write_trained(out, preset, overwrite=overwrite) / "grokconv-config.json")
         emit({"command": "synth", "out": out, "preset": preset, "seed": None, "trained": True,
               "tokenizer": "tokenizer.model", "config": cfg.to_dict()}, as_json,
              lambda: click.echo(f"wrote {out}: {preset}, {cfg.num_layers} layers, d_model {cfg.emb_size}, vocab "
@@ -41,7 +42,7 @@ def command(out, preset, config_path, num_layers, seed, no_progress, as_json):
         cfg = GrokConfig.from_dict({**cfg.to_dict(), "num_layers": num_layers})
     t0 = time.perf_counter()
     with tqdm(total=len(param_specs(cfg)), unit="file", desc="synth", disable=no_progress) as bar:
-        synthesize(out, cfg, seed=seed, progress=lambda spec: bar.update(1))
+        synthesize(out, cfg, seed=seed, progress=lambda spec: bar.update(1), overwrite=overwrite)
     emit({"command": "synth", "out": out, "preset": None if config_path else preset, "seed": seed,
           "files": len(param_specs(cfg)), "seconds": round(time.perf_counter() - t0, 3), "config": cfg.to_dict()},
          as_json, lambda: click.echo(f"wrote {out}: {cfg.num_layers} layers, d_model {cfg.emb_size}, seed {seed}"))

@@ -156,6 +156,9 @@ class GGUFCheckpoint(CheckpointReader):
         base = load_preset("grok-1")
         d, heads = int(self._key("embedding_length")), int(self._key("attention.head_count"))
         ffn = int(self._key("feed_forward_length"))
+        if d <= 0 or heads <= 0:
+            raise CheckpointFormatError(f"embedding_length {d} and attention.head_count {heads} must be positive",
+                                        path=self.parts[0])
         wf = ffn * 3 / (2 * d)
         if ffn_size(d, wf) != ffn:
             raise CheckpointFormatError(f"feed_forward_length {ffn} cannot be derived as Grok-1 derives it",

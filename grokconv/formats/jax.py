@@ -189,8 +189,9 @@ class JaxCheckpoint(CheckpointReader):
         self._maps.clear()  # mmaps close when the last array view on them is gone
 
 
-def write_param_file(path: Path, spec: ParamSpec, value) -> int:
-    """Write one parameter in the release's exact byte format; returns bytes written.
+def write_param_file(path: Path, spec: ParamSpec, value, durable=None) -> int:
+    """Write one parameter in the release's exact byte format; returns bytes written. ``durable``: see
+    :func:`~grokconv.formats.atomic.atomic_write`.
 
     ``value``: float32 array for f32 params; :class:`QInt8` (or a pair of chunk iterables) for qw8.
     Chunks of the int8 weight may be given as an iterable of C-ordered arrays along the first axis, and
@@ -203,7 +204,7 @@ def write_param_file(path: Path, spec: ParamSpec, value) -> int:
     else:
         layout = layout_array(np.float32, spec.shape)
         payloads = [(value, np.float32)]
-    with atomic_write(path) as f:
+    with atomic_write(path, durable=durable) as f:
         for seg in layout.segments:
             if not isinstance(seg, int):
                 f.write(seg)

@@ -20,7 +20,7 @@ from ..tensor import QInt8, dequantize, from_torch, to_torch
 from .base import CheckpointReader, StoredTensor, register_format
 from .safetensors_io import SafetensorsFile, _clip
 
-__all__ = ["SafetensorsCheckpoint"]
+__all__ = ["SafetensorsCheckpoint", "INDEX", "read_index", "index_mismatches"]
 
 INDEX = "model.safetensors.index.json"
 _SUFFIXES = ("weight_packed", "weight_scale_inv", "weight_scale", "weight_shape", "input_scale")
@@ -48,7 +48,7 @@ class SafetensorsCheckpoint(CheckpointReader):
         self._problems: list[str] = []
         index = root / INDEX
         if index.exists():
-            weight_map = _read_index(index)
+            weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
         else:
             weight_map = None
@@ -345,7 +345,7 @@ def _read_json_object(path: Path) -> dict:
     return obj
 
 
-def _read_index(path: Path) -> dict:
+def read_index(path: Path) -> dict:
     """``weight_map`` of an index: tensor name -> a shard file name beside the index (nothing else)."""
     obj = _read_json_object(path)
     wm = obj.get("weight_map")
@@ -362,14 +362,20 @@ def _read_index(path: Path) -> dict:
     return wm
 
 
+def index_mismatches(weight_map: dict, where: dict) -> tuple[list, list]:
+    """Where an index and the shard headers disagree: (the names the index puts in a shard that does not
+    hold them, in the index's order; the names the shards hold that the index does not list, sorted).
+    ``where``: tensor name -> the shard whose header holds it."""
+    return [n for n, shard in weight_map.items() if where.get(n) != shard], sorted(set(where) - set(weight_map))
+
+
 def _check_index(path: Path, weight_map: dict, where: dict, root: Path) -> None:
     """The index and the shard headers must agree tensor for tensor (the message names both files)."""
-    for name, shard in weight_map.items():
-        got = where.get(name)
-        if got != shard:
-            raise CheckpointFormatError(f"does not hold {_clip(name)}, which {path.name} lists in it" +
-                                        (f" (it is in {got})" if got else ""), path=root / shard)
-    extra = sorted(set(where) - set(weight_map))
+    missing, extra = index_mismatches(weight_map, where)
+    if missing:
+        name, got = missing[0], where.get(missing[0])
+        raise CheckpointFormatError(f"does not hold {_clip(name)}, which {path.name} lists in it" +
+                                    (f" (it is in {got})" if got else ""), path=root / weight_map[name])
     if extra:
         raise CheckpointFormatError(f"holds {_clip(extra[0])}, which {path.name} does not list"
                                     + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""),
