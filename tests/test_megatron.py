@@ -472,7 +472,7 @@ def test_detects_root_and_release_dir(megatron_dirs):
 
 def test_read_block_is_a_block_of_the_reference_dequantization(orig, monkeypatch):
     """Row-chunked, row-block-scaled dequantization of a slice == the slice of tensor.dequantize."""
-    import grokconv.megatron as gm
+    import grokconv.formats.megatron.layout as gm
     monkeypatch.setattr(gm, "_DEQUANT_CHUNK", 1000)           # force many chunks, crossing scale blocks
     for name, index in ((L(2, "moe/linear_1/w"), 5), (L(2, "multi_head_attention/linear/w"), None),
                         (L(2, "multi_head_attention/query/w"), None)):

@@ -109,7 +109,8 @@ def _open(path):
 def _merged(reader) -> tuple[argparse.Namespace, dict]:
     """One TP 1 / PP 1 / EP 1 state dict (and its args) from any layout of ``reader``, through
     grokconv's reader (which merges TP shards, finds experts and stages)."""
-    from ..megatron import build_rank, megatron_args, plan_megatron
+    from ..formats.megatron import megatron_args, plan_megatron
+    from ..formats.megatron.legacy_writer import build_rank
     from ..sharding import Parallel
     pad = getattr(reader.args, "grokconv_vocab_padding", "replicate")
     par = Parallel(1, 1, 1, None, reader.par.untie, reader.par.make_vocab_size_divisible_by)
