@@ -26,6 +26,7 @@ from ...errors import CheckpointFormatError, MissingTensorError, ShapeMismatchEr
 from ...sharding import Parallel
 from ...tensor import from_torch
 from ..base import CheckpointReader, StoredTensor
+from .chunk_check import chunk_problem
 from .args_read import parallel_from_args, resolve_config, transformer_impl
 from .dist_plan import check_tiling, plan_dist
 from .layout import load_megatron_layout
@@ -75,7 +76,44 @@ def load_dist_metadata(path: Path):
             or not isinstance(getattr(meta, "storage_data", None), dict):
         raise CheckpointFormatError("the .metadata pickle is not a DCP Metadata with state_dict_metadata and "
                                     "storage_data", path=path)
+    bad = _shape_problem(meta)
+    if bad:
+        raise CheckpointFormatError(f"the DCP metadata is malformed: {bad}", path=path)
     return meta
+
+
+def _ints(v, n: int | None = None) -> bool:
+    return isinstance(v, tuple) and (n is None or len(v) == n) and all(type(x) is int and x >= 0 for x in v)
+
+
+def _shape_problem(meta) -> str | None:
+    """Every entry has the fields and types DCP's classes have (a pickle can build them without)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex,
+                                                       TensorProperties, TensorStorageMetadata)
+    for k, m in meta.state_dict_metadata.items():
+        if not isinstance(k, str):
+            return f"a key of type {type(k).__name__}"
+        if isinstance(m, BytesStorageMetadata):
+            continue
+        if not isinstance(m, TensorStorageMetadata):
+            return f"{k[:80]}: a {type(m).__name__}"
+        size, props, chunks = (getattr(m, a, None) for a in ("size", "properties", "chunks"))
+        if not _ints(size) or not isinstance(props, TensorProperties) or \
+                not isinstance(getattr(props, "dtype", None), torch.dtype) or not isinstance(chunks, list):
+            return f"{k[:80]}: size, properties or chunks missing or of the wrong type"
+        for c in chunks:
+            if not isinstance(c, ChunkStorageMetadata) or not _ints(getattr(c, "offsets", None), len(size)) or \
+                    not _ints(getattr(c, "sizes", None), len(size)):
+                return f"{k[:80]}: a chunk without offsets and sizes of rank {len(size)}"
+    for i, info in meta.storage_data.items():
+        if not isinstance(i, MetadataIndex) or not isinstance(getattr(i, "fqn", None), str) or \
+                not (getattr(i, "offset", None) is None or _ints(i.offset)):
+            return "a storage entry without a key and offsets"
+        if not isinstance(info, _StorageInfo) or not all(hasattr(info, a) for a in ("relative_path", "offset",
+                                                                                     "length")):
+            return f"{i.fqn[:80]}: a storage entry without a file, offset and length"
+    return None
 
 
 class DistCheckpoint(CheckpointReader):
@@ -116,58 +154,79 @@ class DistCheckpoint(CheckpointReader):
                 raise MissingTensorError(f"layers {bad} are not in this checkpoint ({cfg.num_layers} layers)",
                                          path=root)
         if strict:
-            for problem in self._problems():
-                raise CheckpointFormatError(problem, path=iter_dir)
+            for problem, where in self._problems():
+                raise CheckpointFormatError(problem, path=where)
 
     # -- metadata ------------------------------------------------------------------------------
     def _problems(self):
-        md, sd = self.meta.state_dict_metadata, self.meta.storage_data
+        """(problem, the file it is in): metadata against the plan, then every storage entry's file and
+        byte range, then every chunk's zip structure (:mod:`.chunk_check`; payloads are not read)."""
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+        md, sd = self.meta.state_dict_metadata, self.meta.storage_data
+        mdf = self.iter_dir / ".metadata"
         for t in self.plan.tensors:
             m = md.get(t.key)
             if m is None:
-                yield f"no tensor {t.key} (config: {self.config_source})"
-                continue
-            if not isinstance(m, TensorStorageMetadata):
-                yield f"{t.key} is stored as a {type(m).__name__}, not a tensor"
-                continue
-            if tuple(m.size) != tuple(t.shape):
-                yield f"{t.key} has global shape {tuple(m.size)}, expected {tuple(t.shape)} (config: {self.config_source})"
-                continue
-            if not isinstance(m.properties.dtype, torch.dtype) or not m.properties.dtype.is_floating_point:
-                yield f"{t.key} is {m.properties.dtype}, not a floating-point tensor"
-                continue
-            try:
-                check_tiling(t.key, t.shape, [(tuple(c.offsets), tuple(c.sizes)) for c in m.chunks])
-            except Exception as e:
-                yield str(e)
-                continue
+                yield f"no tensor {t.key} (config: {self.config_source})", mdf
+            elif not isinstance(m, TensorStorageMetadata):
+                yield f"{t.key} is stored as a {type(m).__name__}, not a tensor", mdf
+            elif tuple(m.size) != tuple(t.shape):
+                yield (f"{t.key} has global shape {tuple(m.size)}, expected {tuple(t.shape)} "
+                       f"(config: {self.config_source})"), mdf
+            elif not isinstance(m.properties.dtype, torch.dtype) or not m.properties.dtype.is_floating_point:
+                yield f"{t.key} is {m.properties.dtype}, not a floating-point tensor", mdf
+            else:
+                try:
+                    check_tiling(t.key, t.shape, [(tuple(c.offsets), tuple(c.sizes)) for c in m.chunks])
+                except Exception as e:
+                    yield str(e), mdf
         for k in sorted(set(md) - set(self._by_key) - set(self.plan.objects))[:3]:
             if not isinstance(md[k], BytesStorageMetadata):
-                yield f"unexpected tensor {k[:80]} (config: {self.config_source})"
-        for idx, info in list(sd.items()):
+                yield f"unexpected tensor {k[:80]} (config: {self.config_source})", mdf
+        chunks = {(k, tuple(c.offsets)): (tuple(c.sizes), md[k].properties.dtype) for k in self._by_key
+                  if isinstance(md.get(k), TensorStorageMetadata) for c in md[k].chunks}
+        stored = {(getattr(i, "fqn", None), tuple(i.offset) if getattr(i, "offset", None) is not None else None)
+                  for i in sd}
+        for k, offs in sorted(set(chunks) - stored)[:1]:
+            yield f"{k}: the chunk at {offs} has no storage entry", mdf
+        for idx, info in sd.items():
+            fqn = getattr(idx, "fqn", None)
             rel = getattr(info, "relative_path", None)
             off, n = getattr(info, "offset", None), getattr(info, "length", None)
-            if getattr(idx, "fqn", None) not in md:
-                yield f"storage entry for unknown key {str(getattr(idx, 'fqn', idx))[:80]}"
+            if fqn not in md:
+                yield f"storage entry for unknown key {str(fqn)[:80]}", mdf
                 return
             if not isinstance(rel, str) or "/" in rel or "\\" in rel or rel.startswith(".") or \
                     not rel.endswith(".distcp"):
-                yield f"{idx.fqn}: data file name {str(rel)[:40]!r} is not a .distcp file in this directory"
+                yield f"{fqn}: data file name {str(rel)[:40]!r} is not a .distcp file in this directory", mdf
                 return
             if type(off) is not int or type(n) is not int or off < 0 or n <= 0:
-                yield f"{idx.fqn}: byte range {off!r}+{n!r} is not a range"
+                yield f"{fqn}: byte range {off!r}+{n!r} is not a range", mdf
                 return
             p = self.iter_dir / rel
             if not p.is_file():
-                yield f"{idx.fqn}: data file {rel} is missing"
+                yield f"{fqn}: data file {rel} is missing", mdf
                 return
             if off + n > p.stat().st_size:
-                yield f"{idx.fqn}: bytes {off}..{off + n} lie past the end of {rel} ({p.stat().st_size} bytes)"
+                yield f"{fqn}: bytes {off}..{off + n} lie past the end of {rel} ({p.stat().st_size} bytes)", p
                 return
+            want = chunks.get((fqn, tuple(idx.offset))) if idx.offset is not None else None
+            if want is not None:
+                bad = chunk_problem(self._map(rel), off, n, *want)
+                if bad:
+                    yield f"{fqn}: the chunk at {tuple(idx.offset)} (bytes {off}..{off + n}): {bad}", p
+                    return
+
+    def _map(self, rel: str):
+        with self._lock:
+            mm = self._files.get(rel)
+            if mm is None:
+                with open(self.iter_dir / rel, "rb") as f:
+                    mm = self._files[rel] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return mm
 
     def problems(self) -> list[str]:
-        return [p for _, p in zip(range(10), self._problems())]
+        return [f"{where.name}: {p}" for _, (p, where) in zip(range(10), self._problems())]
 
     # -- chunks --------------------------------------------------------------------------------
     def _chunks_of(self, key: str, lead: tuple) -> list:
@@ -188,12 +247,7 @@ class DistCheckpoint(CheckpointReader):
         return self._index.get((key, lead), [])
 
     def _read_chunk(self, info) -> torch.Tensor:
-        with self._lock:
-            mm = self._files.get(info.relative_path)
-            if mm is None:
-                with open(self.iter_dir / info.relative_path, "rb") as f:
-                    mm = self._files[info.relative_path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = io.BytesIO(mm[info.offset: info.offset + info.length])
+        buf = io.BytesIO(self._map(info.relative_path)[info.offset: info.offset + info.length])
         try:
             t = torch.load(buf, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -227,7 +281,7 @@ class DistCheckpoint(CheckpointReader):
             covered += c.numel()
         if covered != math.prod(shape):
             raise MissingTensorError(f"{key}{list(lead)}: the chunks hold {covered} of {math.prod(shape)} values",
-                                     path=self.iter_dir)
+                                     path=self.iter_dir / ".metadata")
         return out
 
     # -- canonical -----------------------------------------------------------------------------
