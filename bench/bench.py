@@ -40,6 +40,31 @@ print(json.dumps({"seconds": time.perf_counter() - t, "read": s.bytes_read, "wri
                   "peak_rss": s.peak_rss, "phases": s.phases, "q8_0": s.q8_0}))
 """
 
+# to-megatron cases ("megatron:torch_dist", "megatron:torch"): read = the source's bytes (each read once);
+# peak_anon = the most anonymous memory /proc/self/smaps_rollup showed (sampled every 20 ms), which, unlike
+# RSS, does not count the mapped source's pages
+RUN_MEGATRON = """
+import json, sys, os, time, threading
+from pathlib import Path
+from grokconv.megatron import to_megatron
+def anon():
+    with open("/proc/self/smaps_rollup") as f:
+        return next((int(l.split()[1]) * 1024 for l in f if l.startswith("Anonymous:")), 0)
+peak, stop = [anon()], threading.Event()
+def watch():
+    while not stop.wait(0.02):
+        peak[0] = max(peak[0], anon())
+threading.Thread(target=watch, daemon=True).start()
+t = time.perf_counter()
+s = to_megatron(sys.argv[1], sys.argv[2], fmt=sys.argv[3], progress=False)
+os.sync()
+sec = time.perf_counter() - t
+stop.set()
+read = sum(p.stat().st_size for p in Path(sys.argv[1], "ckpt-0").iterdir())
+print(json.dumps({"seconds": sec, "read": read, "written": s.bytes_written, "peak_rss": s.peak_rss,
+                  "phases": s.phases, "peak_anon": max(peak[0], anon())}))
+"""
+
 
 def bench_tokenizer(root: Path) -> Path:
     path = root / "bench-tokenizer.model"
@@ -72,7 +97,8 @@ def main():
     ap.add_argument("--dir", default="build/bench")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block,gguf:f16,gguf:q8_0")
+    ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block,gguf:f16,gguf:q8_0,"
+                                       "megatron:torch_dist")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic source for the next run")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where conversions compute")
     args = ap.parse_args()
@@ -116,6 +142,9 @@ def main():
             out.mkdir(parents=True)
             r = subprocess.run([sys.executable, "-c", RUN_GGUF, str(src), str(out), scheme, str(tok), str(args.workers)],
                                check=True, capture_output=True, text=True)
+        elif quant == "megatron":
+            r = subprocess.run([sys.executable, "-c", RUN_MEGATRON, str(src), str(out), scheme or "torch_dist"],
+                               check=True, capture_output=True, text=True)
         else:
             r = subprocess.run([sys.executable, "-c", RUN, str(src), str(out), quant, scheme or "channel",
                                 str(args.workers), args.device], check=True, capture_output=True, text=True)
@@ -125,6 +154,8 @@ def main():
         rows.append((case, res["seconds"], moved, rate, res["peak_rss"], res["phases"]))
         print(f"{case}: {res['seconds']:.1f} s, {rate / 1e6:.0f} MB/s moved, "
               f"peak RSS {gib(res['peak_rss']):.2f} GiB", flush=True)
+        if res.get("peak_anon"):
+            print(f"  peak anonymous memory {gib(res['peak_anon']):.2f} GiB (smaps_rollup, sampled)", flush=True)
         if res.get("q8_0"):
             q = res["q8_0"]
             print(f"  q8_0 from the original int8: {q['q8_0_exact_blocks']} of {q['q8_0_blocks']} blocks exact, "

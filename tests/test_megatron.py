@@ -487,7 +487,7 @@ def test_transformer_impl_names_the_input_norm_and_both_read_back(tiny_ckpt, ori
     from click.testing import CliRunner
     from grokconv.cli import main
     d = tmp_path / "te"
-    res = CliRunner().invoke(main, ["to-megatron", str(tiny_ckpt), str(d), "--tp", "2",
+    res = CliRunner().invoke(main, ["to-megatron", str(tiny_ckpt), str(d), "--format", "torch", "--tp", "2",
                                     "--transformer-impl", "transformer_engine", "--no-progress"])
     assert res.exit_code == 0, res.output
     for t in range(2):

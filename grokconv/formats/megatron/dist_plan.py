@@ -117,9 +117,9 @@ def _pieces(m: TensorMapping, full: tuple, cfg: GrokConfig, chunk_bytes: int, it
     if isinstance(m, VocabMapping):
         k = math.gcd(n, k)
     if not isinstance(m, QKVMapping):        # a QKV piece is whole query groups: k stays <= kv heads
-        per = math.prod(full) // n * itemsize * (2 if isinstance(m, GatedMLPMapping) else 1)
-        while n // k * per > chunk_bytes and n % (2 * k) == 0 and (
-                not isinstance(m, GatedMLPMapping) or (n // 2) % (2 * k) == 0):
+        halves = 2 if isinstance(m, GatedMLPMapping) else 1
+        row = math.prod(full) // n * itemsize
+        while n // halves // k * row > chunk_bytes and (n // halves) % (2 * k) == 0:
             k *= 2
     if isinstance(m, GatedMLPMapping):
         half = n // 2
