@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import time
 from pathlib import Path
 
 import torch
@@ -75,6 +76,7 @@ def write_dist(reader, plan: DistPlan, args: argparse.Namespace, iter_dir: Path,
             p.unlink()
     md: dict = {}
     storage: dict = {}
+    phases = summary.phases
     recorded: dict = {}
     with atomic_write(iter_dir / DATA_FILE) as f:
         def put(fqn: str, offsets, value) -> None:
@@ -88,8 +90,12 @@ def write_dist(reader, plan: DistPlan, args: argparse.Namespace, iter_dir: Path,
         for t in plan.tensors:
             chunks = recorded.setdefault(t.key, [])
             for c in t.chunks:
+                t0 = time.perf_counter()
                 value = plan.build(reader, t, c).contiguous()
+                t1 = time.perf_counter()
                 put(t.key, c.offsets, value)
+                phases["build"] = phases.get("build", 0.0) + t1 - t0
+                phases["write"] = phases.get("write", 0.0) + time.perf_counter() - t1
                 chunks.append((c.offsets, c.sizes))
                 bar.update(value.numel() * value.element_size())
                 del value
