@@ -7,10 +7,11 @@ import argparse
 from pathlib import Path
 
 from ...config import CONFIG_FILE, GrokConfig, load_preset
-from ...errors import CheckpointFormatError
-from ...sharding import Parallel
+from ...errors import CheckpointFormatError, LayoutError, ShapeMismatchError
+from ...sharding import Parallel, validate_parallel
 
-__all__ = ["transformer_impl", "size_arg", "config_from_args", "parallel_from_args", "resolve_config"]
+__all__ = ["transformer_impl", "size_arg", "config_from_args", "parallel_from_args", "resolve_config",
+           "check_args"]
 
 
 def parallel_from_args(args: argparse.Namespace, where) -> Parallel:
@@ -83,3 +84,18 @@ def config_from_args(a: argparse.Namespace, where) -> GrokConfig:
         if cfg.ffn_size != F:
             raise CheckpointFormatError(f"ffn_hidden_size {F} cannot be derived as Grok-1 derives it", path=where)
     return cfg
+
+
+def check_args(a: argparse.Namespace, cfg: GrokConfig, par, config_source: str, where) -> None:
+    """The checkpoint's own args agree with the Grok config, and its layout is one the config can have."""
+    want = {"num_layers": cfg.num_layers, "hidden_size": cfg.emb_size, "num_attention_heads": cfg.num_q_heads,
+            "num_query_groups": cfg.num_kv_heads, "num_experts": cfg.num_experts}
+    for k, v in want.items():
+        got = getattr(a, k, None)
+        if got is not None and got != v:
+            raise ShapeMismatchError(f"checkpoint args {k}={str(got)[:20]}, but the Grok config says {v} "
+                                     f"(config: {config_source})", path=where, expected=v, got=got)
+    try:
+        validate_parallel(cfg, par)
+    except LayoutError as e:
+        raise CheckpointFormatError(f"args hold a parallel layout the config cannot have: {e}", path=where) from None

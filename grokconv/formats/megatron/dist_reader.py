@@ -27,10 +27,9 @@ from ...sharding import Parallel
 from ...tensor import from_torch
 from ..base import CheckpointReader, StoredTensor
 from .chunk_check import chunk_problem
-from .args_read import parallel_from_args, resolve_config, transformer_impl
+from .args_read import check_args, parallel_from_args, resolve_config, transformer_impl
 from .dist_plan import check_tiling, plan_dist
 from .layout import load_megatron_layout
-from .legacy_reader import check_args
 from .rankfile import load_rank_file
 
 __all__ = ["DistCheckpoint", "load_dist_metadata"]

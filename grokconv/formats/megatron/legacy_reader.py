@@ -19,18 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...config import GrokConfig
-from ...errors import CheckpointFormatError, LayoutError, MissingTensorError, ShapeMismatchError
-from ...sharding import checkpoint_dir_name, expert_owner, layer_location, validate_parallel
+from ...errors import CheckpointFormatError, MissingTensorError, ShapeMismatchError
+from ...sharding import checkpoint_dir_name, expert_owner, layer_location
 from ...tensor import from_torch
 from ..base import CheckpointReader, StoredTensor
-from .args_read import parallel_from_args, resolve_config, transformer_impl
+from .args_read import check_args, parallel_from_args, resolve_config, transformer_impl
 from .checkpoint_dir import RANK_DIR, has_rank_dirs
 from .layout import load_megatron_layout
 from .plan import RANK_FILE, plan_megatron
 from .rankfile import load_rank_file
 
-__all__ = ["MegatronCheckpoint", "check_args"]
+__all__ = ["MegatronCheckpoint"]
 
 
 class MegatronCheckpoint(CheckpointReader):
@@ -227,18 +226,3 @@ class MegatronCheckpoint(CheckpointReader):
 
     def close(self) -> None:
         self._files.clear()
-
-
-def check_args(a: argparse.Namespace, cfg: GrokConfig, par, config_source: str, where) -> None:
-    """The checkpoint's own args agree with the Grok config, and its layout is one the config can have."""
-    want = {"num_layers": cfg.num_layers, "hidden_size": cfg.emb_size, "num_attention_heads": cfg.num_q_heads,
-            "num_query_groups": cfg.num_kv_heads, "num_experts": cfg.num_experts}
-    for k, v in want.items():
-        got = getattr(a, k, None)
-        if got is not None and got != v:
-            raise ShapeMismatchError(f"checkpoint args {k}={str(got)[:20]}, but the Grok config says {v} "
-                                     f"(config: {config_source})", path=where, expected=v, got=got)
-    try:
-        validate_parallel(cfg, par)
-    except LayoutError as e:
-        raise CheckpointFormatError(f"args hold a parallel layout the config cannot have: {e}", path=where) from None
