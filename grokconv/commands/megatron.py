@@ -73,8 +73,9 @@ def to_megatron(src, dst, fmt, tp, pp, ep, vp, untie, memory_limit, vocab_pad, m
                            f"{format_bytes(t.nbytes)}  {len(t.chunks)} chunks")
             click.echo(f"{len(res.tensors)} tensors, {len(res.objects)} extra-state objects, "
                        f"{format_bytes(res.total_bytes)} in all; largest chunk {format_bytes(res.largest_chunk)}")
+        # streamed: what is held is one chunk, so there is no memory limit to fit
         emit({"command": "to-megatron", "format": fmt, "dry_run": True, "total_bytes": res.total_bytes,
-              "largest_chunk": res.largest_chunk,
+              "largest_chunk": res.largest_chunk, "memory_limit": None, "fits": True,
               "tensors": [{"key": t.key, "shape": list(t.shape), "bytes": t.nbytes, "chunks": len(t.chunks)}
                           for t in res.tensors]}, as_json, dist_text)
         return
