@@ -20,6 +20,9 @@ _STORAGES = {f"{n}Storage": d for n, d in (("BFloat16", torch.bfloat16), ("Float
                                              ("Half", torch.float16), ("Double", torch.float64))}
 
 
+_COPY_BELOW = 1 << 20
+
+
 class _Window(io.RawIOBase):
     """A read-only, seekable view of ``buf[start:start + length]`` (no copy)."""
 
@@ -69,7 +72,9 @@ def chunk_problem(buf, start: int, length: int, sizes: tuple, dtype: torch.dtype
     """None when ``buf[start:start+length]`` is a ``torch.save`` of one contiguous ``dtype`` tensor of
     ``sizes``; else what is wrong."""
     try:
-        z = zipfile.ZipFile(_Window(buf, start, length))
+        # a small chunk is copied (cheaper than the window's Python-level reads); a large one is not
+        src = io.BytesIO(buf[start:start + length]) if length <= _COPY_BELOW else _Window(buf, start, length)
+        z = zipfile.ZipFile(src)
         names = z.namelist()
         pkl = [n for n in names if n.endswith("/data.pkl")]
         if len(pkl) != 1:

@@ -146,6 +146,7 @@ class DistCheckpoint(CheckpointReader):
         self._files: dict = {}
         self._lock = threading.Lock()
         self._index = None
+        self._found = None
         super().__init__(root, cfg, list(range(cfg.num_layers)))
         if layers is not None and strict:
             bad = sorted(set(layers) - set(self.layers))
@@ -155,6 +156,7 @@ class DistCheckpoint(CheckpointReader):
         if strict:
             for problem, where in self._problems():
                 raise CheckpointFormatError(problem, path=where)
+            self._found = []                 # every check passed: problems() need not run them again
 
     # -- metadata ------------------------------------------------------------------------------
     def _problems(self):
@@ -225,7 +227,9 @@ class DistCheckpoint(CheckpointReader):
             return mm
 
     def problems(self) -> list[str]:
-        return [f"{where.name}: {p}" for _, (p, where) in zip(range(10), self._problems())]
+        if self._found is None:
+            self._found = [f"{where.name}: {p}" for _, (p, where) in zip(range(10), self._problems())]
+        return self._found
 
     # -- chunks --------------------------------------------------------------------------------
     def _chunks_of(self, key: str, lead: tuple) -> list:
