@@ -53,6 +53,31 @@ print(json.dumps({"seconds": time.perf_counter() - t, "read": s.bytes_read, "wri
                   "peak_rss": s.peak_rss, "phases": s.phases, "q8_0": s.q8_0}))
 """
 
+# to-megatron cases ("megatron:torch_dist", "megatron:torch"): read = the source's bytes (each read once);
+# peak_anon = the most anonymous memory /proc/self/smaps_rollup showed (sampled every 20 ms), which, unlike
+# RSS, does not count the mapped source's pages
+RUN_MEGATRON = """
+import json, sys, os, time, threading
+from pathlib import Path
+from grokconv.megatron import to_megatron
+def anon():
+    with open("/proc/self/smaps_rollup") as f:
+        return next((int(l.split()[1]) * 1024 for l in f if l.startswith("Anonymous:")), 0)
+peak, stop = [anon()], threading.Event()
+def watch():
+    while not stop.wait(0.02):
+        peak[0] = max(peak[0], anon())
+threading.Thread(target=watch, daemon=True).start()
+t = time.perf_counter()
+s = to_megatron(sys.argv[1], sys.argv[2], fmt=sys.argv[3], progress=False)
+os.sync()
+sec = time.perf_counter() - t
+stop.set()
+read = sum(p.stat().st_size for p in Path(sys.argv[1], "ckpt-0").iterdir())
+print(json.dumps({"seconds": sec, "read": read, "written": s.bytes_written, "peak_rss": s.peak_rss,
+                  "phases": s.phases, "peak_anon": max(peak[0], anon())}))
+"""
+
 
 def bench_tokenizer(root: Path) -> Path:
     path = root / "bench-tokenizer.model"
@@ -104,7 +129,8 @@ def main():
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--workers", default=f"1,{cores}" if cores > 1 else "1",
                     help="comma-separated worker counts to run each case with (default: 1 and the available cores)")
-    ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block,gguf:f16,gguf:q8_0")
+    ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block,gguf:f16,gguf:q8_0,"
+                                       "megatron:torch_dist")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic source for the next run")
     ap.add_argument("--hash", action="store_true", help="print the sha256 of every output file (to compare builds)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where conversions compute")
@@ -144,10 +170,11 @@ def main():
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     costs = {}
     for case in args.cases.split(","):
-        costs[case] = transform_seconds_per_gib(case)
+        quant, _, scheme = case.partition(":")
+        # to-megatron dequantizes to bf16 (the `none` transform) and has no worker pool: one run
+        costs[case] = transform_seconds_per_gib("none" if quant == "megatron" else case)
         print(f"{case}: transform alone {costs[case]:.2f} s/GiB of int8 (1 thread, warm)", flush=True)
-        for workers in worker_counts:
-            quant, _, scheme = case.partition(":")
+        for workers in (worker_counts[:1] if quant == "megatron" else worker_counts):
             out = root / f"out-{quant}-{scheme or 'x'}"
             shutil.rmtree(out, ignore_errors=True)
             cold = cold_cache() and cold
@@ -156,6 +183,9 @@ def main():
                 tok = bench_tokenizer(root)
                 out.mkdir(parents=True)
                 r = subprocess.run([sys.executable, "-c", RUN_GGUF, str(src), str(out), scheme, str(tok), str(workers)],
+                                   check=True, capture_output=True, text=True)
+            elif quant == "megatron":
+                r = subprocess.run([sys.executable, "-c", RUN_MEGATRON, str(src), str(out), scheme or "torch_dist"],
                                    check=True, capture_output=True, text=True)
             else:
                 r = subprocess.run([sys.executable, "-c", RUN, str(src), str(out), quant, scheme or "channel",
@@ -167,6 +197,8 @@ def main():
                              phases=res["phases"], read=res["read"], load=load))
             print(f"{case} x{workers}: {res['seconds']:.1f} s, {rate / 1e6:.0f} MB/s moved, "
                   f"peak RSS {gib(res['peak_rss']):.2f} GiB", flush=True)
+            if res.get("peak_anon"):
+                print(f"  peak anonymous memory {gib(res['peak_anon']):.2f} GiB (smaps_rollup, sampled)", flush=True)
             if res.get("q8_0"):
                 q = res["q8_0"]
                 print(f"  q8_0 from the original int8: {q['q8_0_exact_blocks']} of {q['q8_0_blocks']} blocks exact, "
@@ -184,9 +216,9 @@ def main():
         shutil.rmtree(src)
 
     print()
-    print(f"{'case':<12} {'wk':>2} {'seconds':>8} {'GB moved':>8} {'MB/s':>6} {'x cp':>5} {'peak RSS':>9} "
+    print(f"{'case':<19} {'wk':>2} {'seconds':>8} {'GB moved':>8} {'MB/s':>6} {'x cp':>5} {'peak RSS':>9} "
           f"{'bound':>9}  {'read/transform/write of worker time':<36} {'318 GB release':>15}  load")
-    print(f"{'cp':<12} {'':>2} {cp_s:8.1f} {2 * size / 1e9:8.2f} {cp_rate / 1e6:6.0f} {1:5.2f} {'':>9} {'disk':>9}  "
+    print(f"{'cp':<19} {'':>2} {cp_s:8.1f} {2 * size / 1e9:8.2f} {cp_rate / 1e6:6.0f} {1:5.2f} {'':>9} {'disk':>9}  "
           f"{'':<36} {hms(cp_s * RELEASE_BYTES / size):>15}")
     for r in rows:
         ph = r["phases"]
@@ -199,7 +231,7 @@ def main():
         split = {"read": read, "transform": tf + other, "write": write}
         bound = max(split, key=split.get) if ph else "n/a"
         prof = "/".join(f"{100 * v / work:.0f}" for v in split.values()) + " %" if ph else "(this writer times no phases)"
-        print(f"{r['case']:<12} {r['workers']:>2} {r['sec']:8.1f} {r['moved'] / 1e9:8.2f} {r['rate'] / 1e6:6.0f} "
+        print(f"{r['case']:<19} {r['workers']:>2} {r['sec']:8.1f} {r['moved'] / 1e9:8.2f} {r['rate'] / 1e6:6.0f} "
               f"{r['rate'] / cp_rate:5.2f} {gib(r['rss']):7.2f} G {bound:>9}  {prof:<36} "
               f"{hms(r['sec'] * RELEASE_BYTES / size):>15}  {r['load']:.1f}")
     print(f"\ncp before the cases {cp_first:.1f} s, after {cp_last:.1f} s; the faster is the reference")
@@ -213,7 +245,7 @@ def main():
         out_per_in = next((r["moved"] - r["read"]) / max(r["read"], 1) for r in rows if r["case"] == case)
         disk = cp_rate / (1 + out_per_in)                    # int8 bytes per second the disk can move
         limit = "disk" if disk < arith else "arithmetic"
-        print(f"  {case:<12} arithmetic {arith / 1e9:5.1f} GB/s of int8 vs disk {disk / 1e9:5.2f} GB/s: limited by "
+        print(f"  {case:<19} arithmetic {arith / 1e9:5.1f} GB/s of int8 vs disk {disk / 1e9:5.2f} GB/s: limited by "
               f"{limit}; the release in ~{hms(RELEASE_BYTES / min(disk, arith))}")
 
 

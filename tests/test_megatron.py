@@ -481,7 +481,7 @@ def test_detects_root_and_release_dir(megatron_dirs):
 
 def test_read_block_is_a_block_of_the_reference_dequantization(orig, monkeypatch):
     """Row-chunked, row-block-scaled dequantization of a slice == the slice of tensor.dequantize."""
-    import grokconv.megatron as gm
+    import grokconv.formats.megatron.layout as gm
     monkeypatch.setattr(gm, "_DEQUANT_CHUNK", 1000)           # force many chunks, crossing scale blocks
     for name, index in ((L(2, "moe/linear_1/w"), 5), (L(2, "multi_head_attention/linear/w"), None),
                         (L(2, "multi_head_attention/query/w"), None)):
@@ -496,7 +496,7 @@ def test_transformer_impl_names_the_input_norm_and_both_read_back(tiny_ckpt, ori
     from click.testing import CliRunner
     from grokconv.cli import main
     d = tmp_path / "te"
-    res = CliRunner().invoke(main, ["to-megatron", str(tiny_ckpt), str(d), "--tp", "2",
+    res = CliRunner().invoke(main, ["to-megatron", str(tiny_ckpt), str(d), "--format", "torch", "--tp", "2",
                                     "--transformer-impl", "transformer_engine", "--no-progress"])
     assert res.exit_code == 0, res.output
     for t in range(2):

@@ -34,7 +34,7 @@ MEGATRON_LM_ARGS = {
     "num_experts", "num_layers_per_virtual_pipeline_stage", "padded_vocab_size", "position_embedding_type",
     "rotary_base", "rotary_percent", "seq_length", "swiglu", "untie_embeddings_and_output_weights",
     "use_legacy_models", "vocab_size", "use_rotary_position_embeddings",
-    "ckpt_format", "iteration", "consumed_train_samples", "consumed_valid_samples",
+    "ckpt_format", "iteration", "consumed_train_samples", "consumed_valid_samples", "norm_epsilon",
 }
 
 
@@ -180,8 +180,11 @@ def test_args_hold_only_megatron_names_and_build_the_config(meg):
     foreign = sorted(k for k in args if not k.startswith("grokconv_") and k not in fields and k not in MEGATRON_LM_ARGS)
     assert foreign == []
     for gone in ("sandwich_norm", "attn_logit_softcapping", "post_self_attn_layernorm", "post_mlp_layernorm",
-                 "embedding_multiplier_scale", "output_multiplier_scale", "activation", "norm_epsilon"):
+                 "embedding_multiplier_scale", "output_multiplier_scale", "activation"):
         assert gone not in args
+    # Megatron-LM's argparse names for the epsilon: norm_epsilon up to core_v0.15, layernorm_epsilon from
+    # core_v0.16 (tests/test_megatron_dist.py checks every name against Megatron-LM's arguments.py)
+    assert args["norm_epsilon"] == args["layernorm_epsilon"] == 1e-5
     a = load_rank_file(meg(tp=2) / "release/mp_rank_00/model_optim_rng.pt")["args"]
     c = transformer_config(a, dtype="bf16", tp=1)
     assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, c.kv_channels) == \

@@ -1,4 +1,4 @@
-"""``grokconv to-megatron`` and ``grokconv from-megatron``: Megatron-Core legacy torch checkpoints."""
+"""``grokconv to-megatron`` and ``grokconv from-megatron``: Megatron-LM checkpoints (torch_dist or legacy torch)."""
 from __future__ import annotations
 
 import click
@@ -26,6 +26,10 @@ def _summary(s) -> str:
 @click.command("to-megatron")
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["torch_dist", "torch"]), default="torch_dist", show_default=True,
+              help="torch_dist: Megatron-Core's distributed checkpoint (Megatron-LM's default --ckpt-format), "
+                   "streamed, loadable into any TP/PP/EP layout the sizes allow (--tp/--pp/--ep/--vp only go into "
+                   "args); torch: the legacy per-rank files for exactly that layout.")
 @click.option("--tp", default=1, show_default=True, type=int,
               help="Tensor parallel size; divides query groups (num_kv_heads), q heads and ffn_size.")
 @click.option("--pp", default=1, show_default=True, type=int, help="Pipeline parallel size; divides num_layers.")
@@ -36,7 +40,8 @@ def _summary(s) -> str:
               help="Write a separate output_layer.weight (a copy of the embeddings) and "
                    "untie_embeddings_and_output_weights=True.")
 @click.option("--memory-limit", default=None,
-              help="Refuse a layout whose largest rank file exceeds this (e.g. 16GiB). Default: 80% of available RAM.")
+              help="--format torch: refuse a layout whose largest rank file exceeds this (e.g. 16GiB); a legacy rank "
+                   "file is built in memory. Default: 80% of available RAM.")
 @click.option("--vocab-pad", type=click.Choice(["replicate", "zero"]), default="replicate", show_default=True,
               help="Padding rows of the vocab-parallel embedding: replicate the last row (as Megatron's "
                    "converter does) or zeros.")
@@ -45,20 +50,35 @@ def _summary(s) -> str:
               show_default=True,
               help="The Megatron-Core layer spec the checkpoint is named for (grokconv.mcore.spec): local names the "
                    "input norm input_layernorm, transformer_engine fuses it into self_attention.linear_qkv.")
-@click.option("--dry-run", is_flag=True, help="Print every rank file and its size; write nothing.")
+@click.option("--dry-run", is_flag=True, help="Print every rank file (torch) or global tensor (torch_dist) and its "
+                                                 "size; write nothing.")
 @click.option("--no-progress", is_flag=True)
 @json_option
-def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_vocab_size_divisible_by,
+def to_megatron(src, dst, fmt, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_vocab_size_divisible_by,
                 transformer_impl, dry_run, no_progress, as_json):
-    """Write SRC (any checkpoint grokconv reads) as a Megatron-Core release checkpoint in DST.
+    """Write SRC (any checkpoint grokconv reads) as a Megatron-LM release checkpoint in DST.
 
-    DST/release/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt, one file per rank, each
-    written whole under a temporary name; DST/latest_checkpointed_iteration.txt ("release") last.
+    torch_dist: DST/release/{metadata.json, common.pt, .metadata, __0_0.distcp}, streamed one chunk at a
+    time. torch: DST/release/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt, one file per rank.
+    Files are written under temporary names; DST/latest_checkpointed_iteration.txt ("release") last.
     """
-    from ..megatron import to_megatron as write_megatron
-    res = write_megatron(src, dst, tp=tp, pp=pp, ep=ep, vp=vp, untie=untie, memory_limit=memory_limit,
+    from ..formats.megatron.driver import to_megatron as write_megatron
+    res = write_megatron(src, dst, fmt=fmt, tp=tp, pp=pp, ep=ep, vp=vp, untie=untie, memory_limit=memory_limit,
                          vocab_pad=vocab_pad, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                          transformer_impl=transformer_impl, dry_run=dry_run, progress=not no_progress)
+    if dry_run and fmt == "torch_dist":
+        def dist_text():
+            for t in res.tensors:
+                click.echo(f"{t.key}  {list(t.shape)} {str(t.dtype).replace('torch.', '')}  "
+                           f"{format_bytes(t.nbytes)}  {len(t.chunks)} chunks")
+            click.echo(f"{len(res.tensors)} tensors, {len(res.objects)} extra-state objects, "
+                       f"{format_bytes(res.total_bytes)} in all; largest chunk {format_bytes(res.largest_chunk)}")
+        # streamed: what is held is one chunk, so there is no memory limit to fit
+        emit({"command": "to-megatron", "format": fmt, "dry_run": True, "total_bytes": res.total_bytes,
+              "largest_chunk": res.largest_chunk, "memory_limit": None, "fits": True,
+              "tensors": [{"key": t.key, "shape": list(t.shape), "bytes": t.nbytes, "chunks": len(t.chunks)}
+                          for t in res.tensors]}, as_json, dist_text)
+        return
     if dry_run:
         big = res.largest
 
@@ -93,7 +113,8 @@ def to_megatron(src, dst, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_v
 @click.option("--no-progress", is_flag=True)
 @json_option
 def from_megatron(src, dst, layout, quantize, fp8_scheme, max_shard_size, workers, no_progress, as_json):
-    """Convert a Megatron-Core checkpoint SRC (as to-megatron writes it) back to a Grok-1 layout in DST."""
+    """Convert a Megatron-LM checkpoint SRC (torch_dist or legacy, as to-megatron writes it) back to a Grok-1
+    layout in DST."""
     from ..formats.base import open_checkpoint
     with open_checkpoint(src, fmt="megatron"):
         pass                                   # a clear error now if SRC is not a Megatron checkpoint

@@ -77,7 +77,6 @@ def run_model(args: argparse.Namespace, state_dict: dict, tokens: np.ndarray, *,
               impl: str | None = None, where=None) -> np.ndarray:
     """Build the model for ``args`` in the current (initialised) parallel state, load ``state_dict``
     strictly, run it; float32 logits over the padded vocabulary (gathered over TP)."""
-    import torch
     from ..mcore.model import build_model
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
     # sequence parallelism as the checkpoint's args say (to-megatron sets it for TP > 1 with MoE), when
@@ -85,6 +84,12 @@ def run_model(args: argparse.Namespace, state_dict: dict, tokens: np.ndarray, *,
     sp = bool(getattr(args, "sequence_parallel", False)) and tp > 1 and tokens.shape[1] % tp == 0
     model = build_model(args, dtype=dtype, impl=impl, sequence_parallel=sp)
     load_strict(model, state_dict, where)
+    return forward_logits(model, tokens, pad_token)
+
+
+def forward_logits(model, tokens: np.ndarray, pad_token: int) -> np.ndarray:
+    """Megatron-Core's forward of a loaded one-stage model: float32 logits (gathered over TP)."""
+    import torch
     model.eval()
     tok = torch.as_tensor(tokens)
     B, T = tok.shape
@@ -95,11 +100,79 @@ def run_model(args: argparse.Namespace, state_dict: dict, tokens: np.ndarray, *,
 
 
 # ----------------------------------------------------------------------------------------------------
+# torch_dist: Megatron-Core's own dist_checkpointing.load, into any layout
+# ----------------------------------------------------------------------------------------------------
+def load_dist(model, iter_dir, *, poison: bool = True) -> None:
+    """``dist_checkpointing.load(model.sharded_state_dict(), iter_dir, strict=raise_all)`` then a strict
+    ``load_state_dict``; with ``poison`` every parameter is NaN first, so a value the load does not
+    write shows."""
+    import torch
+    from megatron.core import dist_checkpointing
+    if poison:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir), strict="raise_all")
+    names = set(model.state_dict())
+    load_strict(model, {k: v for k, v in state.items() if k in names}, iter_dir)
+
+
+def _dist_worker(rank: int, world: int, init_file: str, iter_dir: str, tp: int, ep: int, pp: int, tokens,
+                 dtype: str, pad_token: int, out_dir: str, dump: bool) -> None:
+    """One rank of a TP x EP x PP layout: builds its part of the model, loads the torch_dist checkpoint
+    into it; ``dump``: saves its state dict as ``state_{tp}_{pp}_{ep}.pt``; with ``tokens`` (PP 1) rank 0
+    saves the logits."""
+    try:
+        import torch
+        torch.set_num_threads(1)
+        from megatron.core import parallel_state as ps
+        from ..formats.megatron import load_rank_file
+        from ..mcore.model import build_model, cpu_stand_ins, model_parallel
+        with cpu_stand_ins(), model_parallel(tp, ep, pp=pp, rank=rank, world_size=world, init_file=init_file):
+            args = load_rank_file(Path(iter_dir) / "common.pt")["args"]
+            sp = tp > 1 and (tokens is None or tokens.shape[1] % tp == 0)
+            model = build_model(args, dtype=dtype, tp=tp, ep=ep, pp=pp, sequence_parallel=sp)
+            load_dist(model, iter_dir)
+            where = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                     ps.get_expert_model_parallel_rank())
+            if dump:
+                torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")},
+                           Path(out_dir) / "state_{}_{}_{}.pt".format(*where))
+            if tokens is not None and pp == 1:
+                out = forward_logits(model, tokens, pad_token)
+                if rank == 0:
+                    np.save(Path(out_dir) / "logits.npy", out)
+    except BaseException as e:
+        (Path(out_dir) / f"error-{rank}.txt").write_text(
+            f"{e}" if isinstance(e, GrokconvError) else traceback.format_exc())
+        raise
+
+
+def run_dist_layout(iter_dir, out_dir, *, tp: int = 1, ep: int = 1, pp: int = 1, tokens=None, dtype: str = "fp32",
+                    pad_token: int = 0, dump: bool = False) -> np.ndarray | None:
+    """Load the torch_dist checkpoint in ``iter_dir`` into a TP x EP x PP layout, one gloo process per
+    rank; the logits (PP 1, with ``tokens``) or None. ``dump``: each rank's loaded state dict in ``out_dir``."""
+    import torch.multiprocessing as mp
+    world = tp * ep * pp
+    init_file = os.path.join(out_dir, "gloo-init")
+    try:
+        mp.start_processes(_dist_worker, args=(world, init_file, str(iter_dir), tp, ep, pp, tokens, dtype, pad_token,
+                                               str(out_dir), dump),
+                           nprocs=world, join=True, start_method=_start_method())
+    except Exception as e:
+        errs = sorted(Path(out_dir).glob("error-*.txt"))
+        msg = errs[0].read_text().strip().splitlines()[-1] if errs else f"a rank process failed ({e})"
+        raise GrokconvError(f"Megatron-Core (tp={tp}, ep={ep}, pp={pp}, {world} processes): {msg}",
+                            path=iter_dir) from None
+    f = Path(out_dir) / "logits.npy"
+    return np.load(f) if tokens is not None and pp == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------------
 def _open(path):
     from ..formats.base import open_checkpoint
-    from ..formats.megatron import MegatronCheckpoint
     reader = open_checkpoint(path)
-    if not isinstance(reader, MegatronCheckpoint):
+    if reader.format != "megatron":
         raise CheckpointFormatError(
             f"the megatron-core engine runs Megatron checkpoints, and this is a {reader.format} checkpoint",
             path=path, hint="convert it first: grokconv to-megatron SRC DST")
@@ -109,7 +182,8 @@ def _open(path):
 def _merged(reader) -> tuple[argparse.Namespace, dict]:
     """One TP 1 / PP 1 / EP 1 state dict (and its args) from any layout of ``reader``, through
     grokconv's reader (which merges TP shards, finds experts and stages)."""
-    from ..megatron import build_rank, megatron_args, plan_megatron
+    from ..formats.megatron import megatron_args, plan_megatron
+    from ..formats.megatron.legacy_writer import build_rank
     from ..sharding import Parallel
     pad = getattr(reader.args, "grokconv_vocab_padding", "replicate")
     par = Parallel(1, 1, 1, None, reader.par.untie, reader.par.make_vocab_size_divisible_by)
@@ -189,8 +263,11 @@ def _require_te(where) -> None:
                  "grokconv to-megatron --transformer-impl local") from None
 
 
-def logits(path, tokens, *, dtype: str = "bf16") -> np.ndarray:
-    """Megatron-Core's float32 logits ``[B, T, vocab_size]`` for ``tokens`` on the Megatron checkpoint ``path``."""
+def logits(path, tokens, *, dtype: str = "bf16", tp: int = 1, ep: int = 1) -> np.ndarray:
+    """Megatron-Core's float32 logits ``[B, T, vocab_size]`` for ``tokens`` on the Megatron checkpoint ``path``.
+
+    A legacy checkpoint runs in the layout it was written for; a torch_dist checkpoint is loaded by
+    Megatron-Core's ``dist_checkpointing`` into TP ``tp`` x EP ``ep`` (one gloo process per rank)."""
     require(MODULE, EXTRA, ENGINE)
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be bf16 or fp32, got {dtype!r}")
@@ -201,7 +278,15 @@ def logits(path, tokens, *, dtype: str = "bf16") -> np.ndarray:
         cfg = reader.config
         tokens = _check_tokens(tokens, cfg.vocab_size)
         par = reader.par
-        if par.pp == 1 and par.vp is None and par.tp * par.ep > 1:
+        if getattr(reader, "kind", None) == "torch_dist":
+            with tempfile.TemporaryDirectory(prefix="grokconv-mcore-") as tmp:
+                out = run_dist_layout(reader.iter_dir, tmp, tp=tp, ep=ep, tokens=tokens, dtype=dtype,
+                                      pad_token=cfg.pad_token)
+        elif (tp, ep) != (1, 1) and (tp, ep) != (par.tp, par.ep):
+            raise CheckpointFormatError(f"a legacy checkpoint runs in the layout it was written for (tp={par.tp}, "
+                                        f"ep={par.ep}), not tp={tp} ep={ep}", path=reader.iter_dir,
+                                        hint="write --format torch_dist to load it into any layout")
+        elif par.pp == 1 and par.vp is None and par.tp * par.ep > 1:
             out = _spawn(reader, tokens, dtype)
         else:
             from ..mcore.model import cpu_stand_ins, model_parallel

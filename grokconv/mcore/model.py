@@ -50,7 +50,7 @@ def multipliers(args, dtype: str) -> tuple[float, float]:
 
 
 def transformer_config(args, *, dtype: str = "bf16", tp: int | None = None, ep: int | None = None,
-                       sequence_parallel: bool | None = None):
+                       pp: int = 1, sequence_parallel: bool | None = None):
     """A ``TransformerConfig`` for Grok-1 from a checkpoint's ``args`` (parallel sizes from ``args``
     unless given)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -82,7 +82,7 @@ def transformer_config(args, *, dtype: str = "bf16", tp: int | None = None, ep: 
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False,
         bf16=dtype == "bf16", fp16=False, params_dtype=params_dtype, pipeline_dtype=params_dtype,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, expert_model_parallel_size=ep,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=tp, sequence_parallel=sequence_parallel,
         use_cpu_initialization=True, perform_initialization=False,
     )
@@ -115,15 +115,18 @@ class GrokGPTModel(GPTModel):
 
 
 def build_model(args, *, dtype: str = "bf16", impl: str | None = None, parallel_output: bool = False, **config_kw):
-    """A Grok-1 ``GPTModel`` (one pipeline stage holding every layer) for the checkpoint ``args``;
-    Megatron's parallel state must be initialised (:func:`model_parallel`)."""
+    """A Grok-1 ``GPTModel`` for the checkpoint ``args``: this rank's pipeline stage (every layer with
+    ``pp`` 1); Megatron's parallel state must be initialised (:func:`model_parallel`)."""
+    from megatron.core import parallel_state
     from .spec import grok_block_spec
     config = transformer_config(args, dtype=dtype, **config_kw)
+    pp = config.pipeline_model_parallel_size
     impl = impl or _arg(args, "transformer_impl", "local")
     spec = grok_block_spec(config, impl, float(_arg(args, "grokconv_attn_logit_cap", 30.0)))
     common = dict(config=config, transformer_layer_spec=spec, vocab_size=int(args.padded_vocab_size),
                   max_sequence_length=int(_arg(args, "max_position_embeddings", args.seq_length)),
-                  pre_process=True, post_process=True, parallel_output=parallel_output,
+                  pre_process=pp == 1 or parallel_state.is_pipeline_first_stage(),
+                  post_process=pp == 1 or parallel_state.is_pipeline_last_stage(), parallel_output=parallel_output,
                   share_embeddings_and_output_weights=not _arg(args, "untie_embeddings_and_output_weights", False),
                   position_embedding_type="rope", rotary_percent=float(_arg(args, "rotary_percent", 1.0)),
                   rotary_base=int(_arg(args, "rotary_base", 10000)))
@@ -143,7 +146,8 @@ def cpu_stand_ins():
 
     * ``torch.cuda.current_device()`` is called unconditionally (RoPE's ``inv_freq`` on first use, the
       global memory buffer of the attention scores, the router moving its weight, the sequence-parallel
-      gather buffers): it answers ``cpu`` while inside, when no GPU is present;
+      gather buffers): it answers ``cpu`` while inside, when no GPU is present, and ``Tensor.cuda()``
+      (the tied embedding's all-reduce between the first and last pipeline stage) returns the tensor;
     * ``moe_utils.te_general_gemm`` is only defined when Transformer Engine imports, but the router
       tests it for ``None``: it is set to ``None`` when missing.
     """
@@ -151,27 +155,29 @@ def cpu_stand_ins():
     patched_gemm = not hasattr(moe_utils, "te_general_gemm")
     if patched_gemm:
         moe_utils.te_general_gemm = None
-    saved = torch.cuda.current_device
+    saved, saved_cuda = torch.cuda.current_device, torch.Tensor.cuda
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: torch.device("cpu")
+        torch.Tensor.cuda = lambda self, *a, **k: self
     try:
         yield
     finally:
         torch.cuda.current_device = saved
+        torch.Tensor.cuda = saved_cuda
         if patched_gemm:
             del moe_utils.te_general_gemm
 
 
 @contextlib.contextmanager
-def model_parallel(tp: int = 1, ep: int = 1, *, rank: int = 0, world_size: int | None = None,
+def model_parallel(tp: int = 1, ep: int = 1, *, pp: int = 1, rank: int = 0, world_size: int | None = None,
                    init_file: str | None = None):
     """A gloo process group (unless one exists) and Megatron's model-parallel state for TP ``tp`` x
-    EP ``ep`` (PP 1), with the inference RNG tracker (its ``fork`` does nothing, so no CUDA RNG is
+    EP ``ep`` x PP ``pp``, with the inference RNG tracker (its ``fork`` does nothing, so no CUDA RNG is
     needed); torn down on exit."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mrandom
-    world_size = world_size or tp * ep
+    world_size = world_size or tp * ep * pp
     own_group = not dist.is_initialized()
     tmp = None
     if own_group:
@@ -182,7 +188,7 @@ def model_parallel(tp: int = 1, ep: int = 1, *, rank: int = 0, world_size: int |
             init_file = tmp
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                                  expert_model_parallel_size=ep)
         mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         yield
