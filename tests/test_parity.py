@@ -79,8 +79,10 @@ def test_g8_scales_applied_as_g1_fails(reader, tokens):
     assert not _parity(reader, wrong, tokens, thresholds="int8").passed
 
 
-def test_lossy_conversions_pass_their_rows(reader, tokens):
-    """Simulated int8 re-quantization and fp8 of the weights: outside exact, inside their own rows."""
+def test_lossy_conversions_pass_their_rows(trained_ckpt, trained_tokens):
+    """Simulated int8 re-quantization and fp8 of the weights: outside exact, inside their own rows (on the
+    trained model, where the lossy rows are calibrated; grokconv/thresholds.py)."""
+    reader, tokens = open_checkpoint(trained_ckpt), trained_tokens[0]
     int8 = TransformReader(reader, requant_int8, scheme="int8-channel")
     fp8 = TransformReader(reader, quant_fp8, scheme="fp8-channel")
     assert infer_kind(reader, int8) == "int8" and infer_kind(reader, fp8) == "fp8"
