@@ -89,4 +89,4 @@ $(LLAMA_SRC)/llama.cpp/convert_hf_to_gguf.py: | setup
 
 test-llama-cpp: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install $(PIP_FIND) -c .ci/constraints.txt -e '.[llama-cpp]'
-	$(BIN)/python -m pytest tests/test_llama_cpp.py -v -rs
+	GROKCONV_REQUIRE=llama_cpp $(BIN)/python -m pytest tests/test_llama_cpp.py -v -rs

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import require
 import torch
 from click.testing import CliRunner
 
@@ -78,8 +79,10 @@ def test_g8_scales_applied_as_g1_fails(reader, tokens):
     assert not _parity(reader, wrong, tokens, thresholds="int8").passed
 
 
-def test_lossy_conversions_pass_their_rows(reader, tokens):
-    """Simulated int8 re-quantization and fp8 of the weights: outside exact, inside their own rows."""
+def test_lossy_conversions_pass_their_rows(trained_ckpt, trained_tokens):
+    """Simulated int8 re-quantization and fp8 of the weights: outside exact, inside their own rows (on the
+    trained model, where the lossy rows are calibrated; grokconv/thresholds.py)."""
+    reader, tokens = open_checkpoint(trained_ckpt), trained_tokens[0]
     int8 = TransformReader(reader, requant_int8, scheme="int8-channel")
     fp8 = TransformReader(reader, quant_fp8, scheme="fp8-channel")
     assert infer_kind(reader, int8) == "int8" and infer_kind(reader, fp8) == "fp8"
@@ -187,7 +190,7 @@ def test_cli_errors(tiny_ckpt):
 def test_cli_text_through_a_sentencepiece_tokenizer(tiny_ckpt, tmp_path):
     """--text encodes with the tokenizer.model beside A (no BOS, as runners.py): a tiny SentencePiece
     BPE model trained here stands in for Grok-1's (which cannot be fetched in CI)."""
-    spm = pytest.importorskip("sentencepiece")
+    spm = require("sentencepiece")
     import shutil
     ck = tmp_path / "ck"
     shutil.copytree(tiny_ckpt, ck)
