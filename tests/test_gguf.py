@@ -304,16 +304,3 @@ def test_cli_to_gguf_with_tokenizer_option(work, tiny_ckpt, tmp_path):
     assert "1253376 of 1253376 blocks exact, 0 inexact" in res.output
     a, b = _gguf_tensors(out), _gguf_tensors(work["q8_0"])
     assert a.keys() == b.keys() and all(np.array_equal(a[n].data, b[n].data) for n in a)
-
-
-def test_to_gguf_warns_when_llama_cpp_cannot_run_the_heads(trained_ckpt, tmp_path):
-    """tiny-trained has 16 heads of 16 in d_model 64: grokconv reads the file, llama.cpp would refuse it."""
-    from click.testing import CliRunner
-    from grokconv.cli import main
-    res = CliRunner().invoke(main, ["to-gguf", str(trained_ckpt), str(tmp_path / "t.gguf"), "--type", "f32",
-                                    "--no-progress"])
-    assert res.exit_code == 0, res.output
-    assert "warning: llama.cpp's grok graph assumes head size" in res.stderr and "256" not in res.stdout
-    from grokconv.config import load_preset
-    tiny = load_preset("tiny")                   # the random tiny model's heads fill d_model, as Grok-1's do
-    assert tiny.num_q_heads * tiny.key_size == tiny.emb_size
