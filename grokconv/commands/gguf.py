@@ -24,9 +24,11 @@ def to_gguf_cmd(src, out, type_, tokenizer, max_shard_size, workers, dry_run, fo
     """Convert SRC (any format grokconv reads) to llama.cpp's GGUF (architecture grok) at OUT.gguf."""
     from ..formats.base import open_checkpoint
     from ..gguf_export import to_gguf
+    from ..config import find_config_path
     from ..mapping import check_head_size, load_layout
     with open_checkpoint(src, strict=False) as r:
-        warning = check_head_size(load_layout("gguf"), r.config, force, path=r.path)
+        warning = None if r.problems() else check_head_size(load_layout("gguf"), r.config, force,
+                                                              path=find_config_path(r.path) or r.path)
     if warning:
         click.echo(f"warning (--force): {warning}", err=True)
     res = to_gguf(src, out, type=type_, tokenizer=tokenizer, max_shard_size=max_shard_size, workers=workers,

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     req = json.loads(open(req_path).read())
     try:
         lp, version = logprobs(req["path"], req["tokens"], req.get("dtype", "float32"))
-    except BaseException as e:   # noqa: BLE001 - every failure goes back to the caller as data
+    except Exception as e:   # noqa: BLE001 - every failure goes back to the caller as data (vLLM raises many kinds)
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         np.savez(out_path, error=np.array(lines[-1] if lines else repr(e)), error_type=np.array(type(e).__name__),
                  log=np.array(traceback.format_exc()[-4000:]))
