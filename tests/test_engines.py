@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import require
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
@@ -35,7 +36,7 @@ def _tensors(d):
 
 # -- parity --engine ---------------------------------------------------------------------------------
 def test_parity_engine_transformers_cli(tiny_ckpt, hf_export, tmp_path):
-    pytest.importorskip("transformers")
+    require("transformers")
     rep = tmp_path / "rep.json"
     r = CliRunner().invoke(main, ["parity", str(tiny_ckpt), str(hf_export), "--engine", "transformers",
                                   "--batch", "2", "--seq-len", "8", "--device", "cpu", "--json", str(rep)])
@@ -68,7 +69,7 @@ def test_parity_engine_options_and_slices(tiny_ckpt, hf_export, tmp_path):
     to_safetensors(tiny_ckpt, first, layers=[0, 1], progress=False)
     assert json.loads((first / "config.json").read_text())["num_hidden_layers"] == 2
     assert json.loads((first / "grokconv-config.json").read_text())["num_layers"] == 12
-    pytest.importorskip("transformers")
+    require("transformers")
     tok = random_tokens(512, 1, 8, seed=0)
     rep = run_engine_parity(open_checkpoint(tiny_ckpt), first, tok, "transformers", device="cpu")
     assert rep.passed and rep.layers == [0, 1] and rep.logits.max_abs == 0.0

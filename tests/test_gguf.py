@@ -15,6 +15,7 @@ import gguf
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import require
 import torch
 from click.testing import CliRunner
 
@@ -39,7 +40,7 @@ NAMES = {"multi_head_attention/query/w": "attn_q", "multi_head_attention/key/w":
 def train_tokenizer(tmp: Path, vocab_size: int = 512) -> Path:
     """A SentencePiece BPE model with byte fallback and Grok-1's special ids (pad 0, bos 1, eos 2,
     unk 3), trained here: Grok-1's own tokenizer.model cannot be fetched in CI."""
-    spm = pytest.importorskip("sentencepiece")
+    spm = require("sentencepiece")
     rng = np.random.default_rng(0)
     words = ["grok", "tensor", "weight", "llama", "model", "scale", "block", "expert", "the", "of", "and", "to"]
     lines = [" ".join(rng.choice(words) + rng.choice(["", "s", "ed", "ing"]) for _ in range(12)) for _ in range(2000)]
@@ -131,7 +132,7 @@ def test_metadata_values(work):
     assert v["grok.expert_count"] == 8 and v["grok.expert_used_count"] == 2
     assert v["grok.attn_logit_softcapping"] == 30.0 and v["grok.embedding_scale"] == 16.0
     assert v["grok.attention.output_scale"] == 0.25 and np.float32(v["grok.logit_scale"]) == np.float32(3 ** -0.5)
-    spm = pytest.importorskip("sentencepiece")
+    spm = require("sentencepiece")
     sp = spm.SentencePieceProcessor(model_file=str(work["src"] / "tokenizer.model"))
     assert v["tokenizer.ggml.model"] == "llama" and len(v["tokenizer.ggml.tokens"]) == 512
     assert v["tokenizer.ggml.tokens"][100] == sp.IdToPiece(100)

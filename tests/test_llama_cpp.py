@@ -11,8 +11,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import require
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; `make test-llama-cpp` installs it "
+require("llama_cpp", reason="llama-cpp-python is not installed; `make test-llama-cpp` installs it "
                                         "(it compiles llama.cpp, ~12 min on 2 cores) and runs these tests")
 
 from grokconv.engines import engine_logits  # noqa: E402
@@ -95,18 +96,16 @@ def test_pad_tokens_are_not_masked_by_llama_cpp(model, tokens):
     assert before < LIMITS["f32"] and after > 10 * before
 
 
-def test_heads_that_do_not_fill_d_model_are_refused_with_the_reason(trained_ckpt, tmp_path):
-    """llama.cpp's grok graph takes head size = n_embd / n_head (true of Grok-1, not of tiny-trained: 16
-    heads of 16 in d_model 64). Without the check libllama says only "Failed to load model"; llama.cpp
-    itself refuses the file, as its own log says (check_tensor_dims on blk.0.attn_q)."""
+def test_heads_that_do_not_fill_d_model_are_refused_with_the_reason(unfilled_heads_ckpt, tmp_path):
+    """llama.cpp's grok graph takes head size = n_embd / n_head (true of Grok-1 and of both presets, not of
+    this synthetic model: 16 heads of 32 in d_model 256). Without the check libllama says only "Failed to
+    load model"; llama.cpp itself refuses the file, as its own log says (check_tensor_dims on blk.0.attn_q)."""
     import llama_cpp
 
-    from grokconv.engines import engine_logits
     from grokconv.errors import GrokconvError
-    from grokconv.gguf_export import to_gguf
     out = tmp_path / "t.gguf"
-    to_gguf(trained_ckpt, out, type="f32", progress=False)
+    to_gguf(unfilled_heads_ckpt, out, type="f32", tokenizer=train_tokenizer(tmp_path), progress=False)
     with pytest.raises(ValueError, match="Failed to load model"):
         llama_cpp.Llama(model_path=str(out), verbose=False)
-    with pytest.raises(GrokconvError, match=r"16 heads of 16 and d_model 64 \(256 != 64"):
+    with pytest.raises(GrokconvError, match=r"16 heads of 32 and d_model 256 \(512 != 256"):
         engine_logits("llama.cpp", out, np.array([[1, 2, 3]]))

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import require
 import torch
 from click.testing import CliRunner
 
@@ -187,7 +188,7 @@ def test_cli_errors(tiny_ckpt):
 def test_cli_text_through_a_sentencepiece_tokenizer(tiny_ckpt, tmp_path):
     """--text encodes with the tokenizer.model beside A (no BOS, as runners.py): a tiny SentencePiece
     BPE model trained here stands in for Grok-1's (which cannot be fetched in CI)."""
-    spm = pytest.importorskip("sentencepiece")
+    spm = require("sentencepiece")
     import shutil
     ck = tmp_path / "ck"
     shutil.copytree(tiny_ckpt, ck)

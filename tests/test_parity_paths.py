@@ -1,7 +1,11 @@
 """CI parity on every conversion path: a table of (path, expected kind); each converted model is run
 through the reference forward beside the original and must pass its kind's thresholds. The kind
-inferred from the two checkpoints must be the one the table expects. Every path runs on two models:
-the random `tiny` (seeded random tokens) and the trained `tiny-trained` (held-out English text)."""
+inferred from the two checkpoints must be the one the table expects. Lossless paths run on two models,
+the random `tiny` (seeded random tokens; 12 layers, grouped-query attention 16 / 8) and the trained
+`tiny-trained` (held-out English text), and must agree bit for bit. Lossy paths are judged on the trained
+model only: its KL, top-1 and hidden-state limits are calibrated there (grokconv/thresholds.py); on the
+random model every token's own embedding dominates its logits (KL ~1e-9 whatever the conversion) while
+12 random layers amplify any perturbation of the hidden states, so neither figure means anything there."""
 import pytest
 
 from grokconv.convert import to_safetensors
@@ -68,8 +72,11 @@ def tokens():
     return random_tokens(512, batch=2, seq_len=12, seed=3)
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("path", list(PATHS))
+CASES = [(path, model) for path, (_, kind) in PATHS.items() for model in MODELS
+         if kind == "exact" or model == "tiny-trained"]
+
+
+@pytest.mark.parametrize("path,model", CASES)
 def test_parity_table(path, model, request, tmp_path, tokens):
     convert, kind = PATHS[path]
     ckpt = request.getfixturevalue(MODELS[model])

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import require
 import torch
 from safetensors import safe_open
 
@@ -94,7 +95,7 @@ def test_fp8_headers_config_bounds(scheme, fp8_exports, tiny_ckpt):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_compressed_tensors_library_reads_our_fp8(scheme, fp8_exports, tiny_ckpt):
-    ct = pytest.importorskip("compressed_tensors")
+    ct = require("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
     d = fp8_exports[scheme]
@@ -113,7 +114,7 @@ def test_compressed_tensors_library_reads_our_fp8(scheme, fp8_exports, tiny_ckpt
 
 
 def test_compressed_tensors_library_reads_our_int8(tiny_ckpt, tmp_path):
-    pytest.importorskip("compressed_tensors")
+    require("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
     to_safetensors(tiny_ckpt, tmp_path, quantize="int8", progress=False)

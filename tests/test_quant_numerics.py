@@ -7,6 +7,7 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import require
 import torch
 
 from grokconv import quant as Q
@@ -418,7 +419,7 @@ def test_schemes_registry():
 # ---------------------------------------------------------------- compressed-tensors itself
 @pytest.fixture(scope="module")
 def ct():
-    return pytest.importorskip("compressed_tensors")
+    return require("compressed_tensors")
 
 
 def test_ct_accepts_our_config(ct):

@@ -27,7 +27,7 @@ from grokconv.thresholds import THRESHOLDS
 from grokconv.schema import param_specs
 from grokconv import synth
 from grokconv.tensor import QInt8
-from conftest import ROOT
+from conftest import ROOT, require
 from parity_readers import LOSSY_BUGS, TransformReader, bug_reader
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -50,7 +50,7 @@ def test_synth_preset_writes_the_verified_checkpoint(tmp_path):
     out = tmp_path / "tt"
     res = CliRunner().invoke(main, ["synth", str(out), "--preset", "tiny-trained"])
     assert res.exit_code == 0, res.output
-    assert "sha256 verified" in res.output and "12 layers" in res.output
+    assert "sha256 verified" in res.output and "4 layers, d_model 256" in res.output
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == sorted(MANIFEST["files"])
     for name, digest in MANIFEST["files"].items():
@@ -77,13 +77,20 @@ def test_damaged_archive_is_refused(tmp_path, monkeypatch):
 
 
 def test_release_format_and_limits(trained_ckpt, reader):
-    """The original loader's limits (8 experts, everything it shards by 8 divisible by 8; kv heads too,
-    model.py shards them on the model axis), absmax int8 with bf16 scales, 8 row blocks where the
-    release has them, and bytes that are exactly what the release's writer gives for these values."""
+    """The original loader's limits (8 experts, everything it shards by 8 divisible by 8; query and kv
+    heads too, model.py's with_sharding_constraint shards them on the model axis), heads that fill
+    d_model with a head size every engine runs (llama.cpp and vLLM take it as d_model / heads; vLLM's CPU
+    attention takes 32, 64, 80, 96, 112, 128), row blocks of 32 (the lossless int8 export's group), absmax
+    int8 with bf16 scales, 8 row blocks where the release has them, and bytes that are exactly what the
+    release's writer gives for these values."""
     cfg = reader.config
-    assert cfg.num_experts == 8 and cfg.num_selected_experts == 2 and cfg.num_layers > 10
-    for size in (cfg.emb_size, cfg.q_size, cfg.kv_size, cfg.ffn_size, cfg.num_kv_heads, cfg.vocab_size):
+    assert cfg.num_experts == 8 and cfg.num_selected_experts == 2
+    for size in (cfg.emb_size, cfg.q_size, cfg.kv_size, cfg.ffn_size, cfg.num_q_heads, cfg.num_kv_heads,
+                 cfg.vocab_size):
         assert size % 8 == 0
+    assert cfg.num_q_heads * cfg.key_size == cfg.emb_size and cfg.num_q_heads % cfg.num_kv_heads == 0
+    assert cfg.key_size >= 32 and cfg.key_size % 16 == 0
+    assert cfg.ffn_size // 8 % 32 == 0 and cfg.q_size // 8 % 32 == 0
     assert cfg.embedding_multiplier_scale == math.sqrt(cfg.emb_size)
     assert cfg.attn_output_multiplier == 1 / math.sqrt(cfg.key_size)
     for spec in param_specs(cfg):
@@ -128,7 +135,7 @@ def test_predicts_heldout_text(trained_ckpt, reader, trained_tokens):
 @pytest.fixture(scope="module")
 def fp8_runs(trained_ckpt, reader, trained_tokens, tmp_path_factory):
     """Per-tensor and per-channel fp8 of the trained model: the conversion report and bf16 parity KLs."""
-    out = {}
+    out = {"layers": reader.config.num_layers}
     for scheme in ("tensor", "channel"):
         dst = tmp_path_factory.mktemp(f"fp8-{scheme}") / "out"
         to_safetensors(trained_ckpt, dst, quantize="fp8", fp8_scheme=scheme, progress=False)
@@ -142,19 +149,18 @@ def fp8_runs(trained_ckpt, reader, trained_tokens, tmp_path_factory):
 def test_per_tensor_fp8_costs_more_than_per_channel(fp8_runs):
     """Per tensor, one scale must serve channels whose ranges differ (2-3x here), so nearly every weight
     comes back further from the original than per channel. e4m3 is a floating format, so the cost is
-    small (about 4% more relative error) and in the logits it drowns in the routing changes any lossy
+    small (about 1.4% more relative error on this model, 4% on the 12-layer d_model 64 one it replaced) and in the logits it drowns in the routing changes any lossy
     conversion causes: per-tensor KL is not reliably larger on this model (README, "Parity figures")."""
     t, c = fp8_runs["tensor"]["rel_l2"], fp8_runs["channel"]["rel_l2"]
-    assert set(t) == set(c) and len(t) == 12 * 28           # 4 attention + 3 x 8 expert matrices a layer
+    assert set(t) == set(c) and len(t) == fp8_runs["layers"] * 28   # 4 attention + 3 x 8 expert matrices a layer
     assert sum(t[k] > c[k] for k in t) >= 0.95 * len(t)
-    assert sum(t.values()) > 1.02 * sum(c.values())
-    assert all(run["kl"] > 1e-4 for run in fp8_runs.values())       # real figures (random tiny: < 1e-8)
+    assert sum(t.values()) > 1.01 * sum(c.values())        # measured: 1.4% more in all (2.96 / 2.92)
+    assert all(fp8_runs[s]["kl"] > 1e-4 for s in ("tensor", "channel"))   # real figures (random tiny: < 1e-8)
 
 
 # bugs that a logit-level row catches, and the dtype of the run whose row catches it
 CAUGHT = {"expert scales from the next expert": "bf16", "row block scale shifted by one block": "bf16",
-          "fp8 block scales transposed": "bf16", "int8 group size that does not divide": "bf16",
-          "int8 amax over the wrong axis": "fp32"}
+          "fp8 block scales transposed": "bf16", "int8 group size that does not divide": "bf16"}
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +193,13 @@ def test_conversion_bug_fails_its_lossy_row(bug, reader, trained_tokens, correct
 
 
 @pytest.mark.parametrize("bug", sorted(set(LOSSY_BUGS) - set(CAUGHT)))
-def test_round_toward_zero_is_absorbed(bug, reader, trained_tokens, correct_run):
-    """Round-toward-zero shrinks every weight a little; the sandwich post-norms divide that back out, so
-    what remains costs 1.3-1.6x correct rounding's KL on average (tools/calibrate_parity.py, 8 batches)
-    and passes its row: parity cannot tell it from a correct conversion on this architecture (if this
-    starts failing, move the bug to CAUGHT)."""
+def test_uncaught_bugs_are_absorbed(bug, reader, trained_tokens, correct_run):
+    """Round-toward-zero shrinks every weight a little, and amax over the wrong axis gives each column
+    another row's scale; the sandwich post-norms divide most of that back out, and what remains stays
+    inside the spread that routing changes give correct conversions (int8 amax: best-batch KL 1.0e-3 in
+    fp32, 40x the correct twin's, but one held-out batch's routing flip gives a correct int8 conversion
+    1.6e-2; tools/calibrate_parity.py, 8 batches). Parity cannot tell them from correct conversions on
+    this model; if this starts failing, move the bug to CAUGHT."""
     wrong, right, scheme, kind = LOSSY_BUGS[bug]
     good = correct_run(right, scheme, "bf16")
     bad = _parity(reader, bug_reader(reader, bug), trained_tokens[0], thresholds="auto")
@@ -201,7 +209,7 @@ def test_round_toward_zero_is_absorbed(bug, reader, trained_tokens, correct_run)
 
 def test_parity_text_through_its_tokenizer(trained_ckpt, tmp_path):
     """``parity --text`` encodes with the tokenizer.model that ships beside the trained checkpoint."""
-    spm = pytest.importorskip("sentencepiece")
+    spm = require("sentencepiece")
     fp8 = tmp_path / "fp8"
     to_safetensors(trained_ckpt, fp8, quantize="fp8", progress=False)
     text = "The parity report compares the logits of two checkpoints on the same text."
@@ -220,7 +228,7 @@ def test_training_script_reproduces_its_first_steps(tmp_path):
     """The tokenizer and the first training steps, re-run: bit for bit where the environment is the one
     that made the committed checkpoint (same torch, CPU kernel family, sentencepiece and pydoc text),
     else to float32 tolerance. ``make train-tiny`` re-runs the whole training and compares every file."""
-    pytest.importorskip("sentencepiece")
+    require("sentencepiece")
     torch.set_num_threads(1)
     train_docs, held_docs = train_tiny.topics_split()
     same_text = train_tiny.text_sha256(train_docs) == MANIFEST["data"]["train_text_sha256"]

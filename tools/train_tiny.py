@@ -43,7 +43,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grokconv.config import CONFIG_FILE, GrokConfig, load_preset  # noqa: E402
+from grokconv.config import CONFIG_FILE, GrokConfig  # noqa: E402
 from grokconv.formats.jax import CKPT_DIR, write_param_file  # noqa: E402
 from grokconv.quant.rowblocks import quantize_rowblocks  # noqa: E402
 from grokconv.schema import LAYER_PREFIX, param_specs  # noqa: E402
@@ -53,6 +53,7 @@ PRESET = "tiny-trained"
 PRESET_DIR = ROOT / "grokconv" / "presets"
 ARCHIVE = PRESET_DIR / f"{PRESET}.tar.xz"
 MANIFEST = PRESET_DIR / f"{PRESET}.json"
+CONFIG = ROOT / "grokconv" / "configs" / f"{PRESET}.json"
 
 # training settings (part of what makes the bytes: change them and the committed checkpoint changes)
 SETTINGS = dict(seed=1234, steps=600, batch=16, seq_len=64, lr=3e-3, min_lr_frac=0.1, warmup=30,
@@ -368,7 +369,7 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", action="store_true", help="write the archive and manifest into grokconv/presets/")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = load_preset(PRESET)
+    cfg = GrokConfig.load(CONFIG)
     train_docs, held_docs = topics_split()
     out = args.out
     if out.exists():

@@ -21,6 +21,8 @@ from ..tensor import BF16
 from .base import CheckpointReader, StoredTensor, register_format
 from .safetensors_io import madvise_dontneed
 
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 __all__ = ["GGUFCheckpoint", "gguf_parts", "require_gguf"]
 
 _PART_RE = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -67,10 +69,12 @@ def gguf_parts(path: Path) -> list[Path]:
 
 
 def _f64(value, field: str):
-    """A float32 metadata value as the float64 a preset has for ``field`` if it rounds to it."""
+    """A float32 metadata value as the float64 a preset (a synthetic or the trained one: every config in
+    ``grokconv/configs``) has for ``field`` if it rounds to it."""
+    from ..synth import TRAINED_PRESETS   # here: synth imports the formats package
     v32 = np.float32(value)
-    for p in PRESETS:
-        cand = getattr(load_preset(p), field)
+    for cfg in [load_preset(p) for p in PRESETS] + [GrokConfig.load(_CONFIGS / f"{p}.json") for p in TRAINED_PRESETS]:
+        cand = getattr(cfg, field)
         if np.float32(cand) == v32:
             return cand
     return float(str(v32))

@@ -3,9 +3,8 @@ Hugging Face style export (layouts ``hf``, ``keyfan``, ``sglang``) and named in 
 ``auto_map``.
 
 The fields are the export's config.json, kept as they are: engines that read this config (vLLM's and
-SGLang's Grok loaders call ``AutoConfig`` first) find every key they look for. ``grokconv_tensor_names``
-maps each canonical Grok-1 parameter (the original checkpoint's names) to the tensor name the export
-uses, so one modeling file serves every layout.
+SGLang's Grok loaders call ``AutoConfig`` first) find every key they look for. The tensor names are not
+in it: ``modeling_grok1.py`` has the ``hf`` layout's written in its module tree and renames the others.
 
 Written for transformers 4.x and 5.x (an explicit ``__init__``, which both accept).
 """
@@ -37,7 +36,6 @@ class Grok1Config(PretrainedConfig):
         hidden_act="gelu_pytorch_tanh",
         router_logit_softcapping=0.0,
         moe_router_renormalize=False,
-        grokconv_tensor_names=None,
         use_cache=True,
         tie_word_embeddings=True,
         pad_token_id=0,
@@ -66,7 +64,6 @@ class Grok1Config(PretrainedConfig):
         self.hidden_act = hidden_act
         self.router_logit_softcapping = router_logit_softcapping
         self.moe_router_renormalize = moe_router_renormalize
-        self.grokconv_tensor_names = grokconv_tensor_names
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
