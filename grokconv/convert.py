@@ -36,6 +36,7 @@ from .quant.metrics import ErrorAccumulator
 from .tensor import QInt8, from_torch
 from .tokenizer import TOKENIZER_FILE, find_tokenizer
 from .runtime import peak_rss_bytes, resolve_device, resolve_workers, torch_threads_per_worker
+from .schema import LAYER_PREFIX
 from .units import parse_size
 
 __all__ = ["ConversionPlan", "plan_conversion", "to_safetensors", "Summary", "parse_size", "INDEX_FILE",
@@ -127,17 +128,7 @@ def plan_conversion(reader: CheckpointReader, layout: str = "hf", quantize: str 
         if enc.kind == "int8-pack" and t.shape[1] % 4:
             raise LayoutError(f"{t.name}: input size {t.shape[1]} is not a multiple of 4 (int32 packing)")
         jobs.append(Job(t, enc, enc.outputs(t)))
-    limit = parse_size(max_shard_size)
-    groups, cur, cur_size = [], [], 0
-    for j in jobs:
-        size = sum(math.prod(s) * DTYPES[d].itemsize for _, d, s in j.outputs)
-        if cur and cur_size + size > limit:
-            groups.append(cur)
-            cur, cur_size = [], 0
-        cur.append(j)
-        cur_size += size
-    if cur:
-        groups.append(cur)
+    groups = _shard_groups(jobs, parse_size(max_shard_size), lay.non_layer_shard_first is not None)
     shards = []
     for k, group in enumerate(groups):
         for j in group:
@@ -146,6 +137,27 @@ def plan_conversion(reader: CheckpointReader, layout: str = "hf", quantize: str 
         shards.append(ShardPlan(name, [o for j in group for o in j.outputs], {"format": "pt"}))
     return ConversionPlan(lay, quantize, jobs, shards, _quant_config(quantize, encs, lay, reader, gs), gs,
                           layers=sorted(layers))
+
+
+def _shard_groups(jobs: list, limit: int, non_layer_first: bool) -> list[list]:
+    """Jobs in plan order cut into shards of at most ``limit`` bytes (a bigger tensor alone). With
+    ``non_layer_first`` (the layout's ``non_layer_shard_first``) and more than one shard, the tensors
+    without a layer (embedding, final norm) make a shard of their own, the first."""
+    def cut(js):
+        groups, cur, cur_size = [], [], 0
+        for j in js:
+            size = sum(math.prod(s) * DTYPES[d].itemsize for _, d, s in j.outputs)
+            if cur and cur_size + size > limit:
+                groups.append(cur)
+                cur, cur_size = [], 0
+            cur.append(j)
+            cur_size += size
+        return groups + [cur] if cur else groups
+    groups = cut(jobs)
+    if non_layer_first and len(groups) > 1:
+        apart = [j for j in jobs if not j.target.source.startswith(LAYER_PREFIX)]
+        groups = [apart] + cut([j for j in jobs if j.target.source.startswith(LAYER_PREFIX)])
+    return groups
 
 
 def _quant_config(quantize, encs, lay: Layout, reader, gs) -> dict | None:

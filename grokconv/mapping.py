@@ -21,7 +21,7 @@ from .config import GrokConfig
 from .errors import LayoutError
 from .schema import ParamSpec, param_specs
 
-__all__ = ["Layout", "Target", "load_layout", "layout_names", "MAPPINGS_DIR", "detect_layout"]
+__all__ = ["Layout", "Target", "load_layout", "layout_names", "MAPPINGS_DIR", "detect_layout", "check_head_size"]
 
 
 
@@ -86,6 +86,10 @@ class Layout:
         self.description = data.get("description", "")
         self.config_template = data.get("config", {})
         self.requires = dict(data.get("requires", {}))   # file -> why the consumer needs it
+        # why the consumer needs the tensors without a layer in a shard of their own, first (keyfan)
+        self.non_layer_shard_first = data.get("non_layer_shard_first")
+        # why the consumer takes the head size as d_model / heads whatever the config says (None: it reads it)
+        self.derives_head_size = data.get("derives_head_size")
         self.entries = []
         for e in data["tensors"]:
             if e.get("role") not in ROLES:
@@ -167,6 +171,22 @@ class Layout:
                 return [fill(x) for x in v]
             return v
         return fill(self.config_template)
+
+
+def check_head_size(layout: Layout, cfg: GrokConfig, force: bool = False, path=None) -> str | None:
+    """Refuse a layout whose consumer derives the head size as d_model / heads when the config's differs.
+
+    Raises :class:`LayoutError` with a hint, or with ``force`` returns the warning text instead; None
+    when the consumer reads the head size or the two agree."""
+    if not layout.derives_head_size or cfg.num_q_heads * cfg.key_size == cfg.emb_size:
+        return None
+    what = (f"this model has {cfg.num_q_heads} heads of {cfg.key_size} in d_model {cfg.emb_size} "
+            f"({cfg.num_q_heads * cfg.key_size} != {cfg.emb_size}), and {layout.derives_head_size}: it would "
+            f"misread or refuse a {layout.name!r} export (Grok-1 itself has 48 x 128 = 6144)")
+    if force:
+        return what
+    raise LayoutError(what, path=path, hint="--force writes it anyway (grokconv reads it back); a layout whose "
+                                            "consumer reads head_dim (sglang) or a model whose heads fill d_model runs")
 
 
 def layout_names(container: str = "safetensors") -> list[str]:

@@ -279,14 +279,18 @@ def run_parity(reader_a: CheckpointReader, reader_b: CheckpointReader, tokens, *
 
 
 def run_engine_parity(reader_a: CheckpointReader, path_b, tokens, engine: str, *, device="auto", dtype: str = "bf16",
-                      thresholds="exact", overrides: dict | None = None, keep_logits: bool = True) -> ParityReport:
+                      thresholds="exact", overrides: dict | None = None, keep_logits: bool = True,
+                      engine_options: dict | None = None) -> ParityReport:
     """Our reference forward on A against ``engine`` (a name of :data:`grokconv.engines.ENGINES`) on B.
 
     The engine runs every layer checkpoint B holds, so A runs the same layers. Side B has logits only:
     the per-layer hidden-state comparison is absent (the report says so) and the thresholds judge the
     logits. Raises :class:`~grokconv.errors.EngineUnavailableError` when the engine's library is missing.
+    What the engine computes differently whatever the checkpoint says (``engines.engine_semantics``) is
+    switched on in the reference on A, and listed in the report; an engine that returns log-probs is
+    compared with A's log-softmax. ``engine_options`` go to the engine (vllm: ``python``).
     """
-    from .engines import ENGINES, engine_logits
+    from .engines import ENGINES, engine_logits, engine_semantics
     from .formats.base import open_checkpoint
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
@@ -304,11 +308,12 @@ def run_engine_parity(reader_a: CheckpointReader, path_b, tokens, engine: str, *
         kind, th = resolve_thresholds(thresholds, reader_a, reader_b, layer_list[0] if layer_list else None, dtype,
                                       **(overrides or {}))
         side_b = {"path": str(reader_b.path), "format": reader_b.format}
-    fwd = ReferenceForward(reader_a, device=device, dtype=dtype)
+    sem, logprobs = engine_semantics(engine, dtype)
+    fwd = ReferenceForward(reader_a, device=device, dtype=dtype, semantics=sem)
     tok = fwd.check_tokens(tokens)
     t0 = time.perf_counter()   # the engine first: a missing library fails before the reference has run
     try:
-        raw = engine_logits(engine, path_b, tok.cpu().numpy(), dtype=dtype)
+        raw = engine_logits(engine, path_b, tok.cpu().numpy(), dtype=dtype, **(engine_options or {}))
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("grokconv.engines."):
             raise
@@ -320,6 +325,8 @@ def run_engine_parity(reader_a: CheckpointReader, path_b, tokens, engine: str, *
         for layer in layer_list:
             h = fwd.layer(h, tok, layer)
         logits_a = fwd.head(h).cpu()
+        if logprobs:
+            logits_a = torch.log_softmax(logits_a.double(), dim=-1).float()
     t2 = time.perf_counter()
     if logits_b.shape != logits_a.shape:
         raise ParityError(f"engine {engine!r} returned logits of shape {tuple(logits_b.shape)}, "
@@ -328,17 +335,26 @@ def run_engine_parity(reader_a: CheckpointReader, path_b, tokens, engine: str, *
     side_b["engine_version"] = _engine_version(engine)
     notes = [f"side B is engine {engine!r}, which returns logits only: the per-layer hidden states are not "
              f"compared (limits on them do not apply)"]
+    if not sem.is_reference:
+        notes.append(f"the reference on A computes what {engine} does whatever the checkpoint says: "
+                     + ", ".join(f"{k}={v}" for k, v in sem.changes().items()))
+    if logprobs:
+        notes.append(f"{engine} returns log-probs: A's logits are log-softmaxed (max abs compares log-probs)")
     profile = {"wall_s": time.perf_counter() - start, "wall_s_a": t2 - t1, "wall_s_b": t1 - t0,
                **peak_memory(fwd.device)}
     return ParityReport(
         kind=kind, thresholds=th, layers=layer_list, device=str(fwd.device), dtype=dtype, tokens=tok.cpu().tolist(),
-        hidden=[], logits=lg, failures=_judge(th, [], lg), profile=profile, a=_side(reader_a, Semantics()),
+        hidden=[], logits=lg, failures=_judge(th, [], lg), profile=profile, a=_side(reader_a, sem),
         b=side_b, engine=engine, notes=notes, logits_a=logits_a if keep_logits else None,
         logits_b=logits_b if keep_logits else None)
 
 
 def _engine_version(engine: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
+    from .engines import engine_module
+    ran = getattr(engine_module(engine), "last_version", None)   # an engine run in another interpreter
+    if ran:
+        return ran
     dist = {"transformers": "transformers", "megatron-core": "megatron-core", "llama.cpp": "llama_cpp_python"}.get(engine)
     try:
         return version(dist) if dist else None

@@ -317,18 +317,3 @@ def test_cli_to_gguf_with_tokenizer_option(work, tiny_ckpt, tmp_path):
     assert "1253376 of 1253376 blocks exact, 0 inexact" in res.output
     a, b = _gguf_tensors(out), _gguf_tensors(work["q8_0"])
     assert a.keys() == b.keys() and all(np.array_equal(a[n].data, b[n].data) for n in a)
-
-
-def test_to_gguf_warns_when_llama_cpp_cannot_run_the_heads(work, unfilled_heads_ckpt, trained_ckpt, tmp_path):
-    """16 heads of 32 in d_model 256: grokconv reads the file, llama.cpp would refuse it. The trained
-    preset's heads fill d_model (8 x 32 = 256), as Grok-1's do (48 x 128 = 6144): no warning."""
-    from click.testing import CliRunner
-    from grokconv.cli import main
-    res = CliRunner().invoke(main, ["to-gguf", str(unfilled_heads_ckpt), str(tmp_path / "t.gguf"), "--type", "f32",
-                                    "--tokenizer", str(work["src"] / "tokenizer.model"), "--no-progress"])
-    assert res.exit_code == 0, res.output
-    assert "warning: llama.cpp's grok graph assumes head size" in res.stderr and "16 heads of 32 in d_model 256" in res.stderr
-    res = CliRunner().invoke(main, ["to-gguf", str(trained_ckpt), str(tmp_path / "tt.gguf"), "--type", "f32",
-                                    "--no-progress"])
-    assert res.exit_code == 0, res.output
-    assert "warning" not in res.stderr

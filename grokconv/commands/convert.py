@@ -45,16 +45,25 @@ def print_summary(s, echo=click.echo):
               help="Tensors converted at once (threads). Default: one per available CPU core.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, its shard and size).")
+@click.option("--force", is_flag=True, help="Write a layout whose engine would misread this model (head size != "
+                                             "d_model / heads for hf: vLLM, keyfan: llama.cpp) instead of refusing.")
 @click.option("--no-progress", is_flag=True)
 @overwrite_option
 @json_option
 def to_st(src, dst, layout, quantize, fp8_scheme, fp8_format, int8_scheme, layers, tokenizer, max_shard_size, workers,
-          device, dry_run, no_progress, overwrite, as_json):
+          device, dry_run, force, no_progress, overwrite, as_json):
     """Convert SRC (any format grokconv reads) to sharded safetensors in DST."""
     from ..convert import to_safetensors
     from ..formats.base import open_checkpoint
+    from ..config import find_config_path
+    from ..mapping import check_head_size, load_layout
     with open_checkpoint(src, strict=False) as r:
         layer_list = _layers(layers, r.config.num_layers)
+        # a config that disagrees with the tensors is the conversion's error to report, not this one
+        warning = None if r.problems() else check_head_size(load_layout(layout), r.config, force,
+                                                              path=find_config_path(r.path) or r.path)
+    if warning:
+        click.echo(f"warning (--force): {warning}", err=True)
     res = to_safetensors(src, dst, layout=layout, quantize=quantize, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
                          int8_scheme=int8_scheme, layers=layer_list, max_shard_size=max_shard_size, workers=workers, device=device,
                          dry_run=dry_run, progress=not no_progress, tokenizer=tokenizer, require_files=True,

@@ -17,19 +17,22 @@ from ._output import emit, json_option, overwrite_option, summary_dict
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Tensors converted at once (threads). Default: one per available CPU core.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every part, tensor, type, shape and offset).")
+@click.option("--force", is_flag=True, help="Write the GGUF even when llama.cpp would refuse it (head size != "
+                                             "d_model / heads; grokconv reads it back).")
 @click.option("--no-progress", is_flag=True)
 @overwrite_option
 @json_option
-def to_gguf_cmd(src, out, type_, tokenizer, max_shard_size, workers, dry_run, no_progress, overwrite, as_json):
+def to_gguf_cmd(src, out, type_, tokenizer, max_shard_size, workers, dry_run, force, no_progress, overwrite, as_json):
     """Convert SRC (any format grokconv reads) to llama.cpp's GGUF (architecture grok) at OUT.gguf."""
     from ..formats.base import open_checkpoint
     from ..gguf_export import to_gguf
+    from ..config import find_config_path
+    from ..mapping import check_head_size, load_layout
     with open_checkpoint(src, strict=False) as r:
-        cfg = r.config
-    if cfg.num_q_heads * cfg.key_size != cfg.emb_size:
-        click.echo(f"warning: llama.cpp's grok graph assumes head size = embedding_length / head_count; this model "
-                   f"has {cfg.num_q_heads} heads of {cfg.key_size} in d_model {cfg.emb_size}, so llama.cpp will "
-                   "refuse the file (grokconv reads it; Grok-1 itself has 48 x 128 = 6144)", err=True)
+        warning = None if r.problems() else check_head_size(load_layout("gguf"), r.config, force,
+                                                              path=find_config_path(r.path) or r.path)
+    if warning:
+        click.echo(f"warning (--force): {warning}", err=True)
     res = to_gguf(src, out, type=type_, tokenizer=tokenizer, max_shard_size=max_shard_size, workers=workers,
                   dry_run=dry_run, progress=not no_progress, overwrite=overwrite)
     if dry_run:

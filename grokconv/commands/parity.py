@@ -27,7 +27,10 @@ def _open(path: str, layers_text: str):
 @click.option("--layers", help="Layers to run, e.g. 0-1,5 or all (default 0-1). With --engine: every layer B holds.")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="reference", show_default=True,
               help="What computes side B: our reference forward, or a real engine on B (an optional extra: "
-                   "grokconv[transformers], grokconv[megatron], grokconv[llama-cpp]).")
+                   "grokconv[transformers], grokconv[megatron], grokconv[llama-cpp]; vllm: see --engine-python).")
+@click.option("--engine-python", type=click.Path(dir_okay=False), envvar="GROKCONV_VLLM_PYTHON",
+              help="--engine vllm: an interpreter that has vLLM (vLLM pins its own torch; `make vllm-venv` builds "
+                   ".venv-vllm/bin/python). Default: $GROKCONV_VLLM_PYTHON, else vLLM in this process.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="bf16: the reference precision; fp32: everything in float32.")
@@ -41,8 +44,8 @@ def _open(path: str, layers_text: str):
               help="Write both logits to an .npz (arrays a and b, float32 [batch, tokens, vocab]).")
 @click.option("--profile", is_flag=True, help="Print wall time and peak memory.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, device, dtype, expect, max_abs, max_kl,
-            min_top1, json_path, save_logits, profile, progress):
+def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, engine_python, device, dtype, expect,
+            max_abs, max_kl, min_top1, json_path, save_logits, profile, progress):
     """Run the reference forward on checkpoints A and B (any formats) and compare them.
 
     Reports, per layer, the residual stream's max abs difference, relative L2 and cosine, and for the
@@ -54,10 +57,13 @@ def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, devic
     grokconv parity ckpt/ fp8/ --layers all --expect fp8 --json report.json
     grokconv parity ckpt/ ckpt/ --tokens 422,3033,356 --device cpu --dtype fp32 --save-logits l.npz
     grokconv parity ckpt/ hf-export/ --engine transformers     # side B: AutoModelForCausalLM on the export
+    grokconv parity hf/ hf/ --engine vllm --engine-python .venv-vllm/bin/python --dtype fp32 --max-abs 1e-3
 
     With --engine other than reference, side B's logits come from that engine run on B over every layer
     B holds (A runs the same layers); the engine gives no per-layer hidden states, so only the logits
-    are compared, against the same thresholds.
+    are compared, against the same thresholds. What the engine computes differently whatever the
+    checkpoint says (vLLM: erf GELU, attention output x multiplier, unrounded multipliers) is switched on
+    in the reference on A and listed in the report.
     """
     from ..parity import encode_text, parse_tokens, random_tokens, run_engine_parity, run_parity
     if tokens_text and text:
@@ -81,7 +87,8 @@ def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, devic
                                 thresholds=expect, overrides=overrides, progress=progress)
         else:
             report = run_engine_parity(reader_a, b, tokens, engine, device=device, dtype=dtype, thresholds=expect,
-                                       overrides=overrides)
+                                       overrides=overrides,
+                                       engine_options={"python": engine_python} if engine == "vllm" else None)
     except ValueError as e:
         if isinstance(e, GrokconvError):   # a format error: the CLI prints it with its hint
             raise

@@ -15,7 +15,7 @@ import importlib
 
 from ..errors import EngineUnavailableError
 
-__all__ = ["ENGINES", "engine_logits", "require"]
+__all__ = ["ENGINES", "engine_logits", "engine_module", "engine_semantics", "require"]
 
 # engine name -> (module under grokconv.engines, pip extra that installs the library)
 ENGINES: dict[str, tuple[str | None, str | None]] = {
@@ -23,6 +23,7 @@ ENGINES: dict[str, tuple[str | None, str | None]] = {
     "transformers": ("transformers_engine", "transformers"),
     "megatron-core": ("megatron_core", "megatron"),
     "llama.cpp": ("llama_cpp_engine", "llama-cpp"),
+    "vllm": ("vllm_engine", None),   # its own interpreter (make vllm-venv): vLLM pins its own torch
 }
 
 
@@ -36,8 +37,20 @@ def require(module: str, extra: str, engine: str):
             hint=f"pip install 'grokconv[{extra}]'") from None
 
 
-def engine_logits(engine: str, path, tokens, *, dtype: str = "bf16"):
+def engine_module(engine: str):
     if engine not in ENGINES or ENGINES[engine][0] is None:
         raise ValueError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
-    mod = importlib.import_module(f"grokconv.engines.{ENGINES[engine][0]}")
-    return mod.logits(path, tokens, dtype=dtype)
+    return importlib.import_module(f"grokconv.engines.{ENGINES[engine][0]}")
+
+
+def engine_logits(engine: str, path, tokens, *, dtype: str = "bf16", **options):
+    """``options``: engine-specific (vllm: ``python``, the interpreter that has vLLM)."""
+    return engine_module(engine).logits(path, tokens, dtype=dtype, **options)
+
+
+def engine_semantics(engine: str, dtype: str):
+    """What ``engine`` computes differently from Grok-1 whatever the checkpoint says, as the reference's
+    switches (a module's ``SEMANTICS[dtype]``; none for the others), and whether it returns log-probs."""
+    from ..forward import Semantics
+    mod = engine_module(engine)
+    return getattr(mod, "SEMANTICS", {}).get(dtype, Semantics()), getattr(mod, "RETURNS", "logits") == "logprobs"
