@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # What the `test` extra installs (pyproject.toml): under CI (CI=true) one of these missing is a broken
 # install, not a reason to skip. Libraries a make target installs for its own tests (llama_cpp:
 # `make test-llama-cpp`) are required where that target names them in GROKCONV_REQUIRE (comma-separated).
-TEST_EXTRA = ("transformers", "compressed_tensors", "sentencepiece", "gguf")
+TEST_EXTRA = ("transformers", "compressed_tensors", "sentencepiece", "gguf", "megatron.core")
 
 
 def require(module: str, reason: str | None = None):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from grokconv.config import GrokConfig, load_preset
-from grokconv.errors import CheckpointFormatError, LayoutError
+from grokconv.errors import CheckpointFormatError, LayoutError, OutputMismatchError
 from grokconv.formats.base import CheckpointReader, open_checkpoint
 from grokconv.megatron import to_megatron
 
@@ -390,8 +390,37 @@ def test_resume_skips_complete_rank_files_and_stray_layouts_are_refused(tiny_ckp
     to_megatron(tiny_ckpt, dst, tp=2, progress=False)
     s = to_megatron(tiny_ckpt, dst, tp=2, progress=False)
     assert (s.shards_written, s.shards_skipped) == (0, 2)
-    with pytest.raises(LayoutError, match="mp_rank_01"):
+    # another layout into the same DST: the fingerprint names what differs; --overwrite replaces it whole
+    with pytest.raises(OutputMismatchError, match="tp was 2, now 1"):
         to_megatron(tiny_ckpt, dst, tp=1, progress=False)
+    s = to_megatron(tiny_ckpt, dst, tp=1, progress=False, overwrite=True)
+    assert s.shards_written == 1
+    assert sorted(p.name for p in (dst / "release").iterdir()) == ["mp_rank_00"]
+    # rank directories that no recorded run made are still refused
+    (dst / "release" / "mp_rank_07").mkdir()
+    (dst / "release" / "mp_rank_07" / "model_optim_rng.pt").write_bytes(b"x")
+    with pytest.raises(LayoutError, match="mp_rank_07"):
+        to_megatron(tiny_ckpt, dst, tp=1, progress=False)
+
+
+def test_torch_dist_rerun_from_another_source_is_refused_and_overwrite_replaces_it(tiny_ckpt, tmp_path):
+    from grokconv.config import load_preset
+    from grokconv.synth import synthesize
+    other = tmp_path / "other"
+    synthesize(other, load_preset("tiny"), seed=1)
+    dst = tmp_path / "d"
+    to_megatron(tiny_ckpt, dst, fmt="torch_dist", progress=False)
+    first = {p.name: p.read_bytes() for p in (dst / "release").iterdir() if p.is_file()}
+    s = to_megatron(tiny_ckpt, dst, fmt="torch_dist", progress=False)
+    assert s.shards_skipped == 1 and s.shards_written == 0
+    with pytest.raises(OutputMismatchError, match="source"):
+        to_megatron(other, dst, fmt="torch_dist", progress=False)
+    to_megatron(other, dst, fmt="torch_dist", progress=False, overwrite=True)
+    fresh = tmp_path / "fresh"
+    to_megatron(other, fresh, fmt="torch_dist", progress=False)
+    again = {p.name: p.read_bytes() for p in (dst / "release").iterdir() if p.is_file()}
+    assert again == {p.name: p.read_bytes() for p in (fresh / "release").iterdir() if p.is_file()}
+    assert again != first
 
 
 def test_untied_output_layer_that_differs_is_refused(megatron_dirs, tmp_path):

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-mcore = pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'grokconv[megatron]')")
+from conftest import require  # noqa: E402
+
+mcore = require("megatron.core", reason="megatron-core is not installed (pip install 'grokconv[megatron]')")
 
 from grokconv.errors import CheckpointFormatError, EngineUnavailableError  # noqa: E402
 from grokconv.formats.base import open_checkpoint  # noqa: E402

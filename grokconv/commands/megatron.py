@@ -5,7 +5,7 @@ import click
 
 from ..inspect import human as format_bytes
 from ..roles import ENCODINGS
-from ._output import emit, json_option, summary_dict
+from ._output import emit, json_option, overwrite_option, summary_dict
 
 __all__ = ["COMMANDS", "to_megatron", "from_megatron"]
 
@@ -53,9 +53,10 @@ def _summary(s) -> str:
 @click.option("--dry-run", is_flag=True, help="Print every rank file (torch) or global tensor (torch_dist) and its "
                                                  "size; write nothing.")
 @click.option("--no-progress", is_flag=True)
+@overwrite_option
 @json_option
 def to_megatron(src, dst, fmt, tp, pp, ep, vp, untie, memory_limit, vocab_pad, make_vocab_size_divisible_by,
-                transformer_impl, dry_run, no_progress, as_json):
+                transformer_impl, dry_run, no_progress, overwrite, as_json):
     """Write SRC (any checkpoint grokconv reads) as a Megatron-LM release checkpoint in DST.
 
     torch_dist: DST/release/{metadata.json, common.pt, .metadata, __0_0.distcp}, streamed one chunk at a
@@ -65,7 +66,8 @@ def to_megatron(src, dst, fmt, tp, pp, ep, vp, untie, memory_limit, vocab_pad, m
     from ..formats.megatron.driver import to_megatron as write_megatron
     res = write_megatron(src, dst, fmt=fmt, tp=tp, pp=pp, ep=ep, vp=vp, untie=untie, memory_limit=memory_limit,
                          vocab_pad=vocab_pad, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                         transformer_impl=transformer_impl, dry_run=dry_run, progress=not no_progress)
+                         transformer_impl=transformer_impl, dry_run=dry_run, progress=not no_progress,
+                         overwrite=overwrite)
     if dry_run and fmt == "torch_dist":
         def dist_text():
             for t in res.tensors:
@@ -109,10 +111,12 @@ def to_megatron(src, dst, fmt, tp, pp, ep, vp, untie, memory_limit, vocab_pad, m
                    "original int8.")
 @click.option("--fp8-scheme", type=click.Choice(["channel", "tensor", "block"]), default="channel", show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Tensors converted at once (threads). Default: one per available CPU core.")
 @click.option("--no-progress", is_flag=True)
+@overwrite_option
 @json_option
-def from_megatron(src, dst, layout, quantize, fp8_scheme, max_shard_size, workers, no_progress, as_json):
+def from_megatron(src, dst, layout, quantize, fp8_scheme, max_shard_size, workers, no_progress, overwrite, as_json):
     """Convert a Megatron-LM checkpoint SRC (torch_dist or legacy, as to-megatron writes it) back to a Grok-1
     layout in DST."""
     from ..formats.base import open_checkpoint
@@ -123,13 +127,14 @@ def from_megatron(src, dst, layout, quantize, fp8_scheme, max_shard_size, worker
             raise click.BadParameter("the jax layout is the original int8 format; leave --quantize at none",
                                      param_hint="--quantize")
         from ..jax_export import to_jax
-        s = to_jax(src, dst, progress=not no_progress)
+        s = to_jax(src, dst, progress=not no_progress, overwrite=overwrite)
     else:
         if layout not in _safetensors_layouts():
             raise click.BadParameter(f"unknown layout {layout!r}", param_hint="--layout")
         from ..convert import to_safetensors
         s = to_safetensors(src, dst, layout=layout, quantize=quantize, fp8_scheme=fp8_scheme,
-                           max_shard_size=max_shard_size, workers=workers, progress=not no_progress)
+                           max_shard_size=max_shard_size, workers=workers, progress=not no_progress,
+                           overwrite=overwrite)
     emit(summary_dict("from-megatron", s, src=src, dst=dst, layout=layout), as_json, lambda: click.echo(_summary(s)))
 
 

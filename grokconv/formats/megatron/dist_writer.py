@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _Storag
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, TensorProperties, TensorStorageMetadata)
 
-from ..atomic import TMP_SUFFIX, atomic_write, atomic_write_text
+from ..atomic import TMP_SUFFIX, atomic_write
 from .checkpoint_dir import DIST_MARKER
 from .dist_plan import DistPlan, check_tiling
 from .plan import CHECKPOINT_VERSION
@@ -47,10 +47,14 @@ def common_state(args: argparse.Namespace) -> dict:
             "content_metadata": {"singleton_local_shards": False}}
 
 
-def dist_complete(iter_dir: Path, args: argparse.Namespace) -> bool:
-    """The one "is this checkpoint already done" decision: the marker is there (written last) and
-    ``common.pt`` holds the same args. (Where a source fingerprint is wired in, it goes here.)"""
+def dist_complete(iter_dir: Path, args: argparse.Namespace, guard=None) -> bool:
+    """The one "is this checkpoint already done" decision: the marker is there (written last), a run of
+    this fingerprint made every file durable (``guard``: :class:`grokconv.formats.outputs.OutputGuard`),
+    and ``common.pt`` holds the same args."""
     if not (iter_dir / DIST_MARKER).is_file():
+        return False
+    if guard is not None and not all(guard.is_complete(iter_dir / n)
+                                     for n in (DATA_FILE, METADATA_FILE, COMMON_FILE, DIST_MARKER)):
         return False
     try:
         from .rankfile import load_rank_file
@@ -60,8 +64,11 @@ def dist_complete(iter_dir: Path, args: argparse.Namespace) -> bool:
     return isinstance(old.get("args"), argparse.Namespace) and vars(old["args"]) == vars(args)
 
 
-def write_dist(reader, plan: DistPlan, args: argparse.Namespace, iter_dir: Path, summary, bar) -> None:
-    if dist_complete(iter_dir, args):
+def write_dist(reader, plan: DistPlan, args: argparse.Namespace, iter_dir: Path, summary, bar, guard=None) -> None:
+    def durable(name):
+        return None if guard is None else (lambda n: guard.done(iter_dir / name, n))
+
+    if dist_complete(iter_dir, args, guard):
         summary.shards_skipped += 1
         bar.update(plan.total_bytes)
         return
@@ -78,7 +85,7 @@ def write_dist(reader, plan: DistPlan, args: argparse.Namespace, iter_dir: Path,
     storage: dict = {}
     phases = summary.phases
     recorded: dict = {}
-    with atomic_write(iter_dir / DATA_FILE) as f:
+    with atomic_write(iter_dir / DATA_FILE, durable=durable(DATA_FILE)) as f:
         def put(fqn: str, offsets, value) -> None:
             start = f.tell()
             torch.save(value, f)
@@ -107,10 +114,11 @@ def write_dist(reader, plan: DistPlan, args: argparse.Namespace, iter_dir: Path,
         check_tiling(t.key, t.shape, recorded[t.key])
     meta = Metadata(state_dict_metadata=md, planner_data=None, storage_data=storage, storage_meta=None,
                     version=CURRENT_DCP_VERSION)
-    with atomic_write(iter_dir / METADATA_FILE) as f:
+    with atomic_write(iter_dir / METADATA_FILE, durable=durable(METADATA_FILE)) as f:
         pickle.dump(meta, f, protocol=pickle.HIGHEST_PROTOCOL)
-    with atomic_write(iter_dir / COMMON_FILE) as f:
+    with atomic_write(iter_dir / COMMON_FILE, durable=durable(COMMON_FILE)) as f:
         torch.save(common_state(args), f)
     summary.shards_written += 1
     summary.bytes_written += sum((iter_dir / n).stat().st_size for n in (DATA_FILE, METADATA_FILE, COMMON_FILE))
-    atomic_write_text(iter_dir / DIST_MARKER, json.dumps(MARKER_JSON))
+    with atomic_write(iter_dir / DIST_MARKER, "w", durable=durable(DIST_MARKER)) as f:
+        f.write(json.dumps(MARKER_JSON))

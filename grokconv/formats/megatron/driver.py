@@ -8,14 +8,15 @@ legacy per-rank torch format (:mod:`.legacy_writer`).
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 from ...config import CONFIG_FILE
 from ...errors import LayoutError
 from ...sharding import Parallel
-from ..atomic import atomic_write_text
+from ...tokenizer import TOKENIZER_FILE, find_tokenizer
+from ..atomic import atomic_write, atomic_write_text
+from ..outputs import guard_output, make_fingerprint
 from .dist_plan import plan_dist
 from .layout import DEFAULT_IMPL
 from .plan import RELEASE_DIR, TRACKER_FILE, megatron_args, plan_megatron
@@ -23,24 +24,34 @@ from .plan import RELEASE_DIR, TRACKER_FILE, megatron_args, plan_megatron
 __all__ = ["to_megatron", "FORMATS"]
 
 FORMATS = ("torch_dist", "torch")
+# what to-megatron writes in DST (replaced with --overwrite, or when no recorded run made it)
+OWNED = (f"{RELEASE_DIR}/*", f"{RELEASE_DIR}/*/*", f"{RELEASE_DIR}/.metadata", TRACKER_FILE, CONFIG_FILE, "tokenizer.model")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def to_megatron(src, dst, *, fmt: str = "torch", tp: int = 1, pp: int = 1, ep: int = 1, vp: int | None = None,
                 untie: bool = False, memory_limit=None, vocab_pad: str = "replicate",
                 make_vocab_size_divisible_by: int = 128, transformer_impl: str = DEFAULT_IMPL,
-                dry_run: bool = False, progress: bool = True, echo=print):
+                dry_run: bool = False, progress: bool = True, overwrite: bool = False, echo=print):
     """Write ``src`` (any readable checkpoint, or an open reader) as a Megatron-LM release checkpoint.
 
     ``fmt``: ``torch_dist`` (the CLI's default) or ``torch`` (legacy rank files; this function's default,
     as before). With ``torch_dist`` the TP / PP / EP / VP sizes only go into ``args`` (and the vocab
     padding, a multiple of ``make_vocab_size_divisible_by * tp``): the checkpoint loads into any layout.
     Returns the plan when ``dry_run``, else a :class:`grokconv.convert.Summary`.
+
+    The output is guarded (:mod:`grokconv.formats.outputs`): one run at a time per DST; a file is kept on
+    resume only when a run with the same source and byte-changing options made it durable; another
+    run's output in DST is an error unless ``overwrite``. The fingerprint's digest is in ``args`` too
+    (``grokconv_fingerprint``).
     """
-    from ...convert import Summary
-    from ...runtime import peak_rss_bytes
     from ...units import parse_size
     from ..base import CheckpointReader, open_checkpoint
-    from .legacy_writer import check_memory, default_memory_limit, write_legacy
+    from .legacy_writer import check_memory, default_memory_limit
     if fmt not in FORMATS:
         raise LayoutError(f"unknown Megatron checkpoint format {fmt!r}; choose {' or '.join(FORMATS)}")
     if vocab_pad not in ("replicate", "zero"):
@@ -63,7 +74,21 @@ def to_megatron(src, dst, *, fmt: str = "torch", tp: int = 1, pp: int = 1, ep: i
     if fmt == "torch":
         check_memory(plan, plan.memory_limit)
     args = megatron_args(cfg, par, vocab_pad, transformer_impl, ckpt_format=fmt)
+    fp = make_fingerprint("to-megatron", reader.path, format=fmt, tp=tp, pp=pp, ep=ep, vp=par.vp, untie=untie,
+                          vocab_pad=vocab_pad, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                          transformer_impl=transformer_impl)
+    args.grokconv_fingerprint = fp.digest
     dst = Path(dst)
+    with guard_output(dst, fp, owned=OWNED, overwrite=overwrite) as guard:
+        summary = _write(reader, plan, args, dst, fmt, guard, progress)
+        guard.finish()
+    return summary
+
+
+def _write(reader, plan, args, dst: Path, fmt: str, guard, progress: bool):
+    from ...convert import Summary
+    from ...runtime import peak_rss_bytes
+    cfg = reader.config
     release = dst / RELEASE_DIR
     release.mkdir(parents=True, exist_ok=True)
     (dst / TRACKER_FILE).unlink(missing_ok=True)   # the tracker marks a complete checkpoint: it goes last
@@ -74,17 +99,17 @@ def to_megatron(src, dst, *, fmt: str = "torch", tp: int = 1, pp: int = 1, ep: i
                disable=not progress, dynamic_ncols=True)
     try:
         if fmt == "torch":
-            write_legacy(reader, plan, args, release, summary, bar)
+            from .legacy_writer import write_legacy
+            write_legacy(reader, plan, args, release, summary, bar, guard)
         else:
             from .dist_writer import write_dist
-            write_dist(reader, plan, args, release, summary, bar)
+            write_dist(reader, plan, args, release, summary, bar, guard)
     finally:
         bar.close()
     cfg.save(dst / CONFIG_FILE)
-    for cand in (reader.path / "tokenizer.model", reader.path.parent / "tokenizer.model"):
-        if cand.exists() and not (dst / "tokenizer.model").exists():
-            shutil.copyfile(cand, dst / "tokenizer.model")
-            break
+    tok = find_tokenizer(reader.path)
+    if tok is not None:
+        atomic_write_bytes(dst / TOKENIZER_FILE, tok.read_bytes())
     atomic_write_text(dst / TRACKER_FILE, "release")
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss = peak_rss_bytes()

@@ -54,10 +54,10 @@ def build_rank(reader, plan: MegatronPlan, rp: RankPlan, args: argparse.Namespac
     return state
 
 
-def rank_file_complete(path: Path, args: argparse.Namespace) -> bool:
-    """The one "is this rank file already done" decision: a rank file on disk (renamed into place, so
-    whole) written for the same args. (Where a source fingerprint is wired in, it goes here.)"""
-    if not path.exists():
+def rank_file_complete(path: Path, args: argparse.Namespace, guard=None) -> bool:
+    """The one "is this rank file already done" decision: a rank file that a run of this fingerprint made
+    durable (``guard``: :class:`grokconv.formats.outputs.OutputGuard`), holding the same args."""
+    if not path.exists() or (guard is not None and not guard.is_complete(path)):
         return False
     try:
         from .rankfile import load_rank_file
@@ -67,11 +67,21 @@ def rank_file_complete(path: Path, args: argparse.Namespace) -> bool:
     return isinstance(old, dict) and vars(old.get("args", argparse.Namespace())) == vars(args)
 
 
-def write_legacy(reader, plan: MegatronPlan, args: argparse.Namespace, release: Path, summary, bar) -> None:
+def _remove_if_empty(d: Path) -> bool:
+    """An empty rank directory (left by --overwrite of another layout) is removed; True if it was."""
+    if d.is_dir() and not any(d.iterdir()):
+        d.rmdir()
+        return True
+    return False
+
+
+def write_legacy(reader, plan: MegatronPlan, args: argparse.Namespace, release: Path, summary, bar,
+                 guard=None) -> None:
     """Every rank file of ``plan`` under ``release``, one at a time; complete ones are skipped."""
     import torch
     planned = {r.dirname for r in plan.ranks}
-    stray = sorted(d.name for d in release.iterdir() if d.name.startswith("mp_rank_") and d.name not in planned)
+    stray = sorted(d.name for d in release.iterdir() if d.name.startswith("mp_rank_") and d.name not in planned
+                   and not _remove_if_empty(d))
     if stray:
         raise LayoutError(f"{release} already holds rank directories of another layout ({', '.join(stray[:4])}); "
                           "write to an empty directory", path=release.parent)
@@ -81,12 +91,12 @@ def write_legacy(reader, plan: MegatronPlan, args: argparse.Namespace, release: 
         for stale in d.glob(f"*{TMP_SUFFIX}"):
             stale.unlink()
         path = d / rp.relpath.rsplit("/", 1)[-1]
-        if rank_file_complete(path, args):
+        if rank_file_complete(path, args, guard):
             summary.shards_skipped += 1
             bar.update(rp.nbytes)
             continue
         state = build_rank(reader, plan, rp, args)
-        with atomic_write(path) as f:
+        with atomic_write(path, durable=None if guard is None else (lambda n, path=path: guard.done(path, n))) as f:
             torch.save(state, f)
         del state
         summary.shards_written += 1
