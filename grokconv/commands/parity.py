@@ -31,6 +31,11 @@ def _open(path: str, layers_text: str):
 @click.option("--engine-python", type=click.Path(dir_okay=False), envvar="GROKCONV_VLLM_PYTHON",
               help="--engine vllm: an interpreter that has vLLM (vLLM pins its own torch; `make vllm-venv` builds "
                    ".venv-vllm/bin/python). Default: $GROKCONV_VLLM_PYTHON, else vLLM in this process.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--engine megatron-core on a torch_dist checkpoint: the tensor-parallel size to load it into "
+                   "(one gloo process per rank).")
+@click.option("--ep", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--engine megatron-core on a torch_dist checkpoint: the expert-parallel size to load it into.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="bf16: the reference precision; fp32: everything in float32.")
@@ -44,7 +49,7 @@ def _open(path: str, layers_text: str):
               help="Write both logits to an .npz (arrays a and b, float32 [batch, tokens, vocab]).")
 @click.option("--profile", is_flag=True, help="Print wall time and peak memory.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, engine_python, device, dtype, expect,
+def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, engine_python, tp, ep, device, dtype, expect,
             max_abs, max_kl, min_top1, json_path, save_logits, profile, progress):
     """Run the reference forward on checkpoints A and B (any formats) and compare them.
 
@@ -58,6 +63,7 @@ def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, engin
     grokconv parity ckpt/ ckpt/ --tokens 422,3033,356 --device cpu --dtype fp32 --save-logits l.npz
     grokconv parity ckpt/ hf-export/ --engine transformers     # side B: AutoModelForCausalLM on the export
     grokconv parity hf/ hf/ --engine vllm --engine-python .venv-vllm/bin/python --dtype fp32 --max-abs 1e-3
+    grokconv parity ckpt/ mdist/ --engine megatron-core --tp 2 --ep 2   # torch_dist loaded into TP2 x EP2
 
     With --engine other than reference, side B's logits come from that engine run on B over every layer
     B holds (A runs the same layers); the engine gives no per-layer hidden states, so only the logits
@@ -70,7 +76,11 @@ def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, engin
         raise click.UsageError("give --tokens or --text, not both")
     if engine != "reference" and layers is not None:
         raise click.UsageError("--layers does not apply with --engine: the engine runs every layer B holds")
+    if (tp, ep) != (1, 1) and engine != "megatron-core":
+        raise click.UsageError("--tp / --ep apply to --engine megatron-core (a torch_dist checkpoint's load layout)")
     layers = "0-1" if layers is None else layers
+    options = {"python": engine_python} if engine == "vllm" else {"tp": tp, "ep": ep} if engine == "megatron-core" \
+        else None
     try:
         reader_a = _open(a, layers if engine == "reference" else "all")
         reader_b = _open(b, layers) if engine == "reference" else None
@@ -88,7 +98,7 @@ def command(a, b, tokens_text, text, batch, seq_len, seed, layers, engine, engin
         else:
             report = run_engine_parity(reader_a, b, tokens, engine, device=device, dtype=dtype, thresholds=expect,
                                        overrides=overrides,
-                                       engine_options={"python": engine_python} if engine == "vllm" else None)
+                                       engine_options=options)
     except ValueError as e:
         if isinstance(e, GrokconvError):   # a format error: the CLI prints it with its hint
             raise
