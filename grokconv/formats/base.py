@@ -55,6 +55,13 @@ class CheckpointReader:
         pass
 
     # -- shared --------------------------------------------------------------------------------
+    def require_layers(self, layers, where=None) -> None:
+        """One error naming the checkpoint when any of ``layers`` (None: no request) is not in it."""
+        missing = sorted(set(layers or ()) - set(self.layers))
+        if missing:
+            raise MissingTensorError(f"layers {missing} are not in this checkpoint ({_ranges(self.layers)} "
+                                     f"of {self.config.num_layers})", path=where or self.path)
+
     def specs(self) -> list[ParamSpec]:
         present = set(self.layers)
         return [s for s in param_specs(self.config) if s.layer is None or s.layer in present]

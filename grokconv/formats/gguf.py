@@ -126,10 +126,8 @@ class GGUFCheckpoint(CheckpointReader):
         present = sorted({int(c.split("/")[1].rsplit("_", 1)[1]) for c in self._canon if c.startswith("transformer/")})
         super().__init__(self.parts[0], cfg, present)
         self._check_tensors()
-        if layers is not None and strict:
-            missing = sorted(set(layers) - set(present))
-            if missing:
-                raise MissingTensorError(f"layers {missing} are not in this checkpoint", path=self.path)
+        if strict:
+            self.require_layers(layers)
 
     def _check_tensors(self) -> None:
         """Every tensor the plan names for the present layers has its planned shape and a type we read."""

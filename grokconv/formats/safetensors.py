@@ -96,10 +96,8 @@ class SafetensorsCheckpoint(CheckpointReader):
                 m = next(m for (c, _), m in self._canon.items() if c.startswith(f"transformer/decoder_layer_{x}/"))
                 raise ShapeMismatchError(f"tensor {_clip(m)} is of layer {x}, but the config has {cfg.num_layers} "
                                          f"layers (config: {self.config_source})", path=root / self._shard_of(m))
-        if layers is not None and strict:
-            missing = sorted(set(layers) - set(present))
-            if missing:
-                raise MissingTensorError(f"layers {missing} are not in this checkpoint", path=root)
+        if strict:
+            self.require_layers(layers, root)
         for problem, where in self._check_tensors():
             if strict:
                 raise ShapeMismatchError(problem, path=where)

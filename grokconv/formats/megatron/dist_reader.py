@@ -148,11 +148,8 @@ class DistCheckpoint(CheckpointReader):
         self._index = None
         self._found = None
         super().__init__(root, cfg, list(range(cfg.num_layers)))
-        if layers is not None and strict:
-            bad = sorted(set(layers) - set(self.layers))
-            if bad:
-                raise MissingTensorError(f"layers {bad} are not in this checkpoint ({cfg.num_layers} layers)",
-                                         path=root)
+        if strict:
+            self.require_layers(layers, root)
         if strict:
             for problem, where in self._problems():
                 raise CheckpointFormatError(problem, path=where)

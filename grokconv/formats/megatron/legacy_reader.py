@@ -67,11 +67,8 @@ class MegatronCheckpoint(CheckpointReader):
         # mapped, not read: only the pages of the slices used are touched
         self._cache = cache_files or self.par.tp * self.par.ep + 2 * self.par.tp + 2
         super().__init__(root, cfg, list(range(cfg.num_layers)))
-        if layers is not None and strict:
-            bad = sorted(set(layers) - set(self.layers))
-            if bad:
-                raise MissingTensorError(f"layers {bad} are not in this checkpoint ({cfg.num_layers} layers)",
-                                         path=root)
+        if strict:
+            self.require_layers(layers, root)
         if strict:
             # every rank file's names, shapes and dtypes against the plan, now (pickles only, the
             # tensors stay mapped): a damaged rank file is refused before a conversion writes anything
