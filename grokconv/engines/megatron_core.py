@@ -143,8 +143,7 @@ def _dist_worker(rank: int, world: int, init_file: str, iter_dir: str, tp: int, 
                 if rank == 0:
                     np.save(Path(out_dir) / "logits.npy", out)
     except BaseException as e:
-        (Path(out_dir) / f"error-{rank}.txt").write_text(
-            f"{e}" if isinstance(e, GrokconvError) else traceback.format_exc())
+        _record_error(out_dir, rank, e)
         raise
 
 
@@ -212,9 +211,13 @@ def _worker(rank: int, world: int, init_file: str, iter_dir: str, tp: int, ep: i
             if rank == 0:
                 np.save(Path(out_dir) / "logits.npy", out)
     except BaseException as e:
-        (Path(out_dir) / f"error-{rank}.txt").write_text(
-            f"{e}" if isinstance(e, GrokconvError) else traceback.format_exc())
+        _record_error(out_dir, rank, e)
         raise
+
+
+def _record_error(out_dir, rank: int, e: BaseException) -> None:
+    """A rank's failure, for the parent to report: a grokconv error as its one line, else the traceback."""
+    (Path(out_dir) / f"error-{rank}.txt").write_text(f"{e}" if isinstance(e, GrokconvError) else traceback.format_exc())
 
 
 def _start_method() -> str:
