@@ -182,6 +182,19 @@ def _encode_fp8(enc: Encoding, src: SourceRows, t: Target, ctx: dict, names: lis
     stay in the cache (``quant.tiles``); every value is the one the whole chunk would give."""
     from .quant.fp8 import dequantize_fp8, fp8_scales, quantize_fp8
     r0, n = src.r0, src.r1 - src.r0
+    sdt = torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32
+    if isinstance(src.value, QInt8) and src.transpose and src.device.type == "cpu":
+        # the original int8: tables per column (channel, tensor) or tiles of arithmetic (block), fp8 bytes
+        # transposed as bytes (quant.from_int8): the same bytes as below, without a float32 matrix
+        from .quant.from_int8 import fp8_from_int8
+        q, scale = fp8_from_int8(src._cols(src.value.weight), src._cols(src.value.scales), enc.scheme, enc.block,
+                                 _TORCH[enc.scale_dtype], ctx.get("tensor_scale"), ctx["acc"] if measure else None)
+        out = [(names[0], r0, q)]
+        if scale is not None:
+            out.append((names[1], r0 // enc.block[0] if enc.scheme == "block" else r0, scale.to(sdt)))
+        elif r0 == 0:
+            out.append((names[1], 0, ctx["tensor_scale"].reshape(1).to(sdt)))
+        return out, measure
     cols = t.shape[1] if len(t.shape) > 1 else 1
     b0 = enc.block[0] if enc.scheme == "block" else 1
     step = max(1, tile_columns(cols, b0)) if src.device.type == "cpu" else n
@@ -199,7 +212,6 @@ def _encode_fp8(enc: Encoding, src: SourceRows, t: Target, ctx: dict, names: lis
         if measure:
             ctx["acc"].update(w, dequantize_fp8(qt, scale, enc.scheme, enc.block))
     out = [(names[0], r0, q)]
-    sdt = torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32
     if enc.scheme != "tensor":
         srow = r0 // enc.block[0] if enc.scheme == "block" else r0
         out.append((names[1], srow, torch.cat(scales).to(sdt)))

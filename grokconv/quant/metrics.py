@@ -63,6 +63,27 @@ class ErrorAccumulator:
         self.numel += r.numel()
         return self
 
+    @torch.no_grad()
+    def update_counts(self, ref: torch.Tensor, approx: torch.Tensor, counts: torch.Tensor) -> "ErrorAccumulator":
+        """Elements given as distinct ``(ref, approx)`` pairs and how often each occurs (``counts``, same
+        shape): what a table-driven quantizer knows. Sums in float64, as ``update`` would make them."""
+        if not (ref.shape == approx.shape == counts.shape):
+            raise ValueError(f"ref {tuple(ref.shape)}, approx {tuple(approx.shape)} and counts {tuple(counts.shape)} differ")
+        c = counts.reshape(-1).double()
+        if not bool((c > 0).any()):
+            return self
+        r = ref.reshape(-1).double()
+        e = approx.reshape(-1).double() - r
+        # values that never occur take no part: weight 0 in the sums, and masked out of the maxima
+        # (where() rather than a product: a value that never occurs may be inf or NaN)
+        r, e = torch.where(c > 0, r, 0.0), torch.where(c > 0, e, 0.0)
+        self.sum_ref_sq += float(torch.dot(c, r * r))
+        self.sum_err_sq += float(torch.dot(c, e * e))
+        self.max_abs = max(self.max_abs, float(e.abs().max()))
+        self.amax = max(self.amax, float(r.abs().max()))
+        self.numel += int(counts.sum())
+        return self
+
     def result(self) -> dict:
         ref_sq, err_sq = self.sum_ref_sq, self.sum_err_sq
         if err_sq == 0:
