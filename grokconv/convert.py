@@ -17,7 +17,6 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from .mapping import Layout, Target, load_layout
 from .quant.metrics import ErrorAccumulator
 from .tensor import QInt8, from_torch
 from .tokenizer import TOKENIZER_FILE, find_tokenizer
-from .runtime import peak_rss_bytes, resolve_device, resolve_workers, torch_threads_per_worker
+from .runtime import peak_rss_bytes, resolve_device, resolve_workers, run_jobs, torch_threads_per_worker
 from .schema import LAYER_PREFIX
 from .units import parse_size
 
@@ -211,7 +210,7 @@ class Summary:
         return (self.bytes_read + self.bytes_written) / max(self.seconds, 1e-9)
 
 
-def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on_bytes, errors: dict,
+def _run_job(reader, job: Job, out, offsets: dict, device, measure: bool, on_bytes, errors: dict,
              phase=lambda name, sec: None):
     t, enc = job.target, job.encoding
     host_value = reader.load(t.source, t.index)
@@ -250,7 +249,7 @@ def _run_job(reader, job: Job, fd: int, offsets: dict, device, measure: bool, on
             row_bytes = math.prod(shapes[name][1:]) * DTYPES[dtypes[name]].itemsize if len(shapes[name]) > 1 \
                 else DTYPES[dtypes[name]].itemsize
             data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-            os.pwrite(fd, data, offsets[name] + first * row_bytes)
+            out.pwrite(data, offsets[name] + first * row_bytes)
             on_bytes(data.nbytes)
             if name.endswith(("weight_scale", "weight_scale_inv")):
                 smin, smax = min(smin, float(tens.float().min())), max(smax, float(tens.float().max()))
@@ -356,12 +355,10 @@ def _write_shards(reader, plan: ConversionPlan, dst: Path, guard, *, workers, de
                 continue
             jobs = [j for j in plan.jobs if j.shard == k]
 
-            def fill(fd, jobs=jobs, shard=shard):
-                with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                    futs = [pool.submit(_run_job, reader, j, fd, shard.offsets, dev, measure, on_bytes, errors, phase)
-                            for j in jobs]
-                    for f in futs:
-                        summary.bytes_read += f.result()
+            def fill(out, jobs=jobs, shard=shard):
+                summary.bytes_read += sum(run_jobs(
+                    jobs, lambda j: _run_job(reader, j, out, shard.offsets, dev, measure, on_bytes, errors, phase),
+                    workers, prefetch=lambda j: reader.prefetch(j.target.source, j.target.index)))
             write_planned(final, shard.size, shard.header, fill, on_bytes,
                           before_rename=lambda final=final, shard=shard: guard.done(final, shard.size))
             summary.tensors += sum(len(j.outputs) for j in jobs)

@@ -21,7 +21,6 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from .formats.gguf import require_gguf
 from .mapping import MAPPINGS_DIR, Layout, Target, load_layout
 from .quant.metrics import ErrorAccumulator
 from .quant.q8_0 import QK8_0, Q8Stats, q8_0_from_int8, quantize_q8_0
-from .runtime import peak_rss_bytes, resolve_workers, torch_threads_per_worker
+from .runtime import peak_rss_bytes, resolve_workers, run_jobs, torch_threads_per_worker
 from .tensor import QInt8
 from .tokenizer import find_tokenizer
 from .units import parse_size
@@ -292,7 +291,8 @@ def _jobs(t: GGUFTensor) -> list[tuple]:
 JOB_CHUNKS = 8     # a multiple of MEASURE_EVERY, so the sampled chunks are the same however the work is split
 
 
-def _run(reader, t: GGUFTensor, expert: int | None, span, fd: int, on_bytes, results: dict, lock) -> int:
+def _run(reader, t: GGUFTensor, expert: int | None, span, out, on_bytes, results: dict, lock,
+         phase=lambda name, sec: None) -> int:
     tg = t.target
     index = expert if expert is not None else tg.index
     value = reader.load(tg.source, index)
@@ -308,13 +308,17 @@ def _run(reader, t: GGUFTensor, expert: int | None, span, fd: int, on_bytes, res
     for k, r0 in enumerate(range(lo, hi, step)):
         r1 = min(hi, r0 + step)
         src = SourceRows(value, tg.transpose, r0, r1, torch.device("cpu"))
+        c0 = time.perf_counter()
         buf = np.ascontiguousarray(_encode(t, src, lossless, stats, acc, k % MEASURE_EVERY == 0)).reshape(-1)
+        c1 = time.perf_counter()
+        phase("read (page faults) + transform", c1 - c0)
         data = buf.view(np.uint8)
         expected = (r1 - r0) * row_bytes if len(t.shape) > 1 else t.nbytes
         if data.nbytes != expected:
             raise AssertionError(f"{tg.name}: chunk of {data.nbytes} bytes, planned {expected}")
-        os.pwrite(fd, data, base + (r0 * row_bytes if len(t.shape) > 1 else 0))
+        out.pwrite(data, base + (r0 * row_bytes if len(t.shape) > 1 else 0))
         on_bytes(data.nbytes)
+        phase("write", time.perf_counter() - c1)
         if release and not tg.transpose:
             release(tg.source, index, (r0, r1))
     if release and span is None:
@@ -384,6 +388,10 @@ def _write_parts(reader, plan: GGUFPlan, out: Path, guard, *, type, workers, pro
             summary.bytes_written += n
             bar.update(n)
 
+    def phase(name, sec):
+        with lock:
+            summary.add_phase(name, sec)
+
     saved_threads = torch.get_num_threads()
     workers = resolve_workers(workers)
     torch.set_num_threads(torch_threads_per_worker(workers))
@@ -396,11 +404,10 @@ def _write_parts(reader, plan: GGUFPlan, out: Path, guard, *, type, workers, pro
                 continue
             jobs = [(t, e, span) for t in part.tensors for e, span in _jobs(t)]
 
-            def fill(fd, jobs=jobs):
-                with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                    futs = [pool.submit(_run, reader, t, e, span, fd, on_bytes, results, lock) for t, e, span in jobs]
-                    for f in futs:
-                        summary.bytes_read += f.result()
+            def fill(out, jobs=jobs):
+                summary.bytes_read += sum(run_jobs(
+                    jobs, lambda j: _run(reader, *j, out, on_bytes, results, lock, phase), workers,
+                    prefetch=lambda j: reader.prefetch(j[0].target.source, j[1] if j[1] is not None else j[0].target.index)))
 
             last = part is plan.parts[-1]
 

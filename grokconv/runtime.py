@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+import queue
 import resource
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .errors import GrokconvError
 
-__all__ = ["resolve_device", "peak_memory", "peak_rss_bytes", "available_cores", "resolve_workers"]
+__all__ = ["resolve_device", "peak_memory", "peak_rss_bytes", "available_cores", "resolve_workers", "run_jobs"]
 
 
 def peak_rss_bytes() -> int:
@@ -62,3 +65,46 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
+def run_jobs(jobs: list, work, workers: int, prefetch=None) -> list:
+    """``[work(job) for job in jobs]`` on ``workers`` threads, jobs started in order; the results in order.
+
+    ``prefetch(job)``, when given, runs on one background thread for each job from the first up to
+    ``workers`` jobs past the last one started: the source pages of the next jobs are read from disk
+    while the workers compute (a worker that faults its pages in one at a time leaves the disk idle
+    between faults and the core idle during them). Its errors are ignored: it only hints.
+    """
+    ahead = max(1, workers)
+    hints: queue.SimpleQueue = queue.SimpleQueue()
+    lock = threading.Lock()
+    hinted = [0]
+
+    def hint_loop():
+        while (job := hints.get()) is not None:
+            try:
+                prefetch(job)
+            except Exception:   # noqa: BLE001 -- a hint that failed costs speed, never correctness
+                pass
+
+    def started(i: int):
+        if prefetch is None:
+            return
+        with lock:
+            while hinted[0] < min(len(jobs), i + ahead + 1):
+                hints.put(jobs[hinted[0]])
+                hinted[0] += 1
+
+    def run(i: int):
+        started(i)
+        return work(jobs[i])
+
+    hinter = threading.Thread(target=hint_loop, name="grokconv-prefetch", daemon=True) if prefetch else None
+    if hinter:
+        hinter.start()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        futures = [pool.submit(run, i) for i in range(len(jobs))]
+        return [f.result() for f in futures]
+    finally:   # on an error the jobs not yet started are dropped; the running ones finish
+        pool.shutdown(wait=True, cancel_futures=True)
+        if hinter:
+            hints.put(None)

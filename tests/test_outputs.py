@@ -143,6 +143,6 @@ def test_write_planned_fsyncs_before_the_rename(tmp_path, monkeypatch):
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b))[1])
-    write_planned(tmp_path / "f", 16, b"HEADER", lambda fd: os.pwrite(fd, b"payload!", 8))
+    write_planned(tmp_path / "f", 16, b"HEADER", lambda f: f.pwrite(b"payload!", 8))
     assert events == ["fsync", "rename", "fsync"]          # file, rename, directory
     assert (tmp_path / "f").read_bytes() == b"HEADER\0\0payload!"

@@ -54,6 +54,9 @@ class CheckpointReader:
     def close(self) -> None:
         pass
 
+    def prefetch(self, name: str, index: int | None = None) -> None:
+        """A hint: start reading a parameter's bytes in the background (readers of mapped files do)."""
+
     # -- shared --------------------------------------------------------------------------------
     def require_layers(self, layers, where=None) -> None:
         """One error naming the checkpoint when any of ``layers`` (None: no request) is not in it."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mmap
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from .atomic import atomic_write
 from .base import CheckpointReader, StoredTensor, register_format
 from .pickle_walk import ArrayRef, QuantRef, walk_file
 from .pickle_write import layout_array, layout_quantized
-from .safetensors_io import madvise_dontneed
+from .safetensors_io import madvise_dontneed, madvise_willneed
 
 __all__ = ["JaxCheckpoint", "write_param_file", "ckpt_dir", "CKPT_DIR"]
 
@@ -81,6 +82,7 @@ class JaxCheckpoint(CheckpointReader):
         super().__init__(root, config, have_layers)
         self._refs: dict[str, ArrayRef | QuantRef] = {}
         self._maps: dict[str, mmap.mmap] = {}
+        self._map_lock = threading.Lock()
         self.bytes_read = 0  # header bytes read by the opcode walker (payloads are never read)
         self.strict = strict
         if strict:
@@ -122,8 +124,11 @@ class JaxCheckpoint(CheckpointReader):
     def _view(self, a: ArrayRef) -> np.ndarray:
         mm = self._maps.get(a.path)
         if mm is None:
-            with open(a.path, "rb") as f:
-                mm = self._maps[a.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            with self._map_lock:             # workers and the prefetch thread share one map per file
+                mm = self._maps.get(a.path)
+                if mm is None:
+                    with open(a.path, "rb") as f:
+                        mm = self._maps[a.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(mm, dtype=a.dtype, count=int(np.prod(a.shape)), offset=a.offset).reshape(a.shape)
 
     # -- reader interface ----------------------------------------------------------------------
@@ -136,17 +141,13 @@ class JaxCheckpoint(CheckpointReader):
             value = self._view(ref)
         return value if index is None else value[index]
 
-    def release(self, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> None:
-        """Drop the mapped pages of a parameter (one expert, or some of its rows) from this process.
-
-        File-backed pages of an mmap count in RSS; a streaming conversion releases what it has used,
-        so resident memory stays at one slice whatever the model size. The page cache keeps the data.
-        """
+    def _span(self, name: str, index: int | None, rows: tuple[int, int] | None):
+        """``(mmap, start, length)`` of a parameter's weight bytes (one expert, some of its rows), or None."""
         spec = self.spec(name)
         ref = self._refs.get(name)
         mm = self._maps.get(str(self.dir / spec.file))
         if ref is None or mm is None:
-            return
+            return None
         a = ref.weight if isinstance(ref, QuantRef) else ref
         start, length = a.offset, a.nbytes
         if index is not None and spec.lead > 1:
@@ -155,7 +156,25 @@ class JaxCheckpoint(CheckpointReader):
         if rows is not None:
             row_bytes = length // (a.shape[-2] if len(a.shape) > 1 else a.shape[0])
             start, length = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-        madvise_dontneed(mm, start, length)
+        return mm, start, length
+
+    def release(self, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> None:
+        """Drop the mapped pages of a parameter (one expert, or some of its rows) from this process.
+
+        File-backed pages of an mmap count in RSS; a streaming conversion releases what it has used,
+        so resident memory stays at one slice whatever the model size. The page cache keeps the data.
+        """
+        span = self._span(name, index, rows)
+        if span is not None:
+            madvise_dontneed(*span)
+
+    def prefetch(self, name: str, index: int | None = None) -> None:
+        """Have the kernel read a parameter's pages (one expert) into the page cache in the background, in
+        large requests, before the conversion touches them (they are not mapped in: RSS does not grow)."""
+        self.load(name, index)                   # maps the file (headers are already read)
+        span = self._span(name, index, None)
+        if span is not None:
+            madvise_willneed(*span)
 
     def stored(self) -> list[StoredTensor]:
         """Every readable file's tensor; with ``strict=False`` a damaged one is left to ``problems()``."""
