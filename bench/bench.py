@@ -1,7 +1,8 @@
 """`make bench`: throughput and peak memory of conversions on a full-width synthetic checkpoint.
 
 Throughput is bytes moved (read + written) per second of wall time, printed as a ratio to a plain
-`cp` of the same source files to the same disk, measured in the same run. Both include a final
+`cp` of the same source files to the same disk, measured just before and just after each conversion
+(the faster of the two is its reference: the disk's speed drifts by 2x over minutes here). Both include a final
 `sync`, so neither is flattered by dirty pages. Each conversion runs in its own process; its peak
 RSS is that process's maximum resident set (file-backed mapped pages included).
 
@@ -163,10 +164,11 @@ def main():
         shutil.rmtree(dst)
         return sec
 
-    # the disk's speed drifts over minutes here: copy before and after the cases, and take the faster
-    # copy as the reference (the ratios are then the conservative ones)
-    cp_first = plain_copy()
-    print(f"source {gib(size):.2f} GiB; cp {cp_first:.1f} s = {2 * size / cp_first / 1e6:.0f} MB/s moved; "
+    # the disk's speed drifts by 2x over minutes here (a shared virtual disk): every conversion is
+    # bracketed by a copy just before and just after it, and its reference is the faster of the two
+    # (the ratios are then the conservative ones)
+    cps = [plain_copy()]
+    print(f"source {gib(size):.2f} GiB; cp {cps[0]:.1f} s = {2 * size / cps[0] / 1e6:.0f} MB/s moved; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     costs = {}
     for case in args.cases.split(","):
@@ -193,10 +195,13 @@ def main():
             res = json.loads(r.stdout.strip().splitlines()[-1])
             moved = res["read"] + res["written"]
             rate = moved / res["seconds"]
+            cps.append(plain_copy())
+            cp_ref = min(cps[-2:])
             rows.append(dict(case=case, workers=workers, sec=res["seconds"], moved=moved, rate=rate, rss=res["peak_rss"],
-                             phases=res["phases"], read=res["read"], load=load))
+                             phases=res["phases"], read=res["read"], load=load, cp=cp_ref))
             print(f"{case} x{workers}: {res['seconds']:.1f} s, {rate / 1e6:.0f} MB/s moved, "
-                  f"peak RSS {gib(res['peak_rss']):.2f} GiB", flush=True)
+                  f"peak RSS {gib(res['peak_rss']):.2f} GiB; cp before/after {cps[-2]:.1f}/{cps[-1]:.1f} s: "
+                  f"{rate / (2 * size / cp_ref):.2f} x cp", flush=True)
             if res.get("peak_anon"):
                 print(f"  peak anonymous memory {gib(res['peak_anon']):.2f} GiB (smaps_rollup, sampled)", flush=True)
             if res.get("q8_0"):
@@ -209,17 +214,16 @@ def main():
                     digest = subprocess.run(["sha256sum", str(f)], check=True, capture_output=True, text=True)
                     print(f"  {digest.stdout.split()[0]}  {f.relative_to(out)}", flush=True)
             shutil.rmtree(out)
-    cp_last = plain_copy()
-    cp_s = min(cp_first, cp_last)
+    cp_s = min(cps)
     cp_rate = 2 * size / cp_s
     if not args.keep:
         shutil.rmtree(src)
 
     print()
-    print(f"{'case':<19} {'wk':>2} {'seconds':>8} {'GB moved':>8} {'MB/s':>6} {'x cp':>5} {'peak RSS':>9} "
+    print(f"{'case':<19} {'wk':>2} {'seconds':>8} {'GB moved':>8} {'MB/s':>6} {'cp s':>5} {'x cp':>5} {'peak RSS':>9} "
           f"{'bound':>9}  {'read/transform/write of worker time':<36} {'318 GB release':>15}  load")
-    print(f"{'cp':<19} {'':>2} {cp_s:8.1f} {2 * size / 1e9:8.2f} {cp_rate / 1e6:6.0f} {1:5.2f} {'':>9} {'disk':>9}  "
-          f"{'':<36} {hms(cp_s * RELEASE_BYTES / size):>15}")
+    print(f"{'cp (fastest)':<19} {'':>2} {cp_s:8.1f} {2 * size / 1e9:8.2f} {cp_rate / 1e6:6.0f} {cp_s:5.1f} {1:5.2f} "
+          f"{'':>9} {'disk':>9}  {'':<36} {hms(cp_s * RELEASE_BYTES / size):>15}")
     for r in rows:
         ph = r["phases"]
         work = sum(ph.values()) or 1e-9
@@ -232,9 +236,10 @@ def main():
         bound = max(split, key=split.get) if ph else "n/a"
         prof = "/".join(f"{100 * v / work:.0f}" for v in split.values()) + " %" if ph else "(this writer times no phases)"
         print(f"{r['case']:<19} {r['workers']:>2} {r['sec']:8.1f} {r['moved'] / 1e9:8.2f} {r['rate'] / 1e6:6.0f} "
-              f"{r['rate'] / cp_rate:5.2f} {gib(r['rss']):7.2f} G {bound:>9}  {prof:<36} "
+              f"{r['cp']:5.1f} {r['rate'] / (2 * size / r['cp']):5.2f} {gib(r['rss']):7.2f} G {bound:>9}  {prof:<36} "
               f"{hms(r['sec'] * RELEASE_BYTES / size):>15}  {r['load']:.1f}")
-    print(f"\ncp before the cases {cp_first:.1f} s, after {cp_last:.1f} s; the faster is the reference")
+    print(f"\ncp runs (s), one before the first case and one after each: {', '.join(f'{c:.1f}' for c in cps)}; "
+          f"each case's reference ('cp s') is the faster of its two neighbours")
     print(f"{cores} cores available; device {args.device}; source {gib(size):.2f} GiB ({args.layers} layers); "
           f"page cache {'dropped before every measurement' if cold else 'NOT dropped (not permitted): warm reads'}; "
           f"load average now {os.getloadavg()[0]:.1f} (the last column: when each case started)")
