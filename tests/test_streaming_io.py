@@ -96,6 +96,7 @@ def _writes(size: int, seed: int = 0):
 def test_planned_file_bytes_from_many_threads(tmp_path, monkeypatch, direct):
     """Every byte where it was planned, whichever way it went (direct, bounced, buffered ends)."""
     monkeypatch.setattr(PlannedFile, "BOUNCE", 8192)                    # several buffers per write
+    monkeypatch.setattr(PlannedFile, "DIRECT_MIN", 4096)                # and direct from one page up
     monkeypatch.setattr(PlannedFile, "BUFFERS", 3)
     if not direct:
         real_open = os.open
@@ -132,6 +133,7 @@ def _takes_direct(d) -> bool:
 def test_planned_file_background_error_is_a_full_disk(tmp_path, monkeypatch):
     """ENOSPC in a background direct write: one DiskFullError naming the file, no temporary left."""
     monkeypatch.setattr(PlannedFile, "BOUNCE", 8192)
+    monkeypatch.setattr(PlannedFile, "DIRECT_MIN", 4096)
     real = os.pwrite
     calls = {"n": 0}
 

@@ -146,6 +146,7 @@ class PlannedFile:
     BOUNCE = 8 << 20      # bytes per buffer
     BUFFERS = 6           # buffers, so at most 48 MiB waits for the disk
     WRITERS = 2           # threads writing them
+    DIRECT_MIN = 1 << 20  # smaller writes go buffered: a direct write waits for the disk, a small one gains nothing
 
     def __init__(self, path: Path):
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -174,7 +175,12 @@ class PlannedFile:
     def _write_direct(self, buf: np.ndarray, n: int, offset: int) -> None:
         try:
             if self._error is None:
-                _pwrite_all(self.dfd, buf[:n], offset)
+                try:
+                    _pwrite_all(self.dfd, buf[:n], offset)
+                except OSError as e:       # a device wanting larger alignment: these bytes go buffered
+                    if e.errno != errno.EINVAL:
+                        raise
+                    _pwrite_all(self.fd, buf[:n], offset)
         except BaseException as e:   # noqa: BLE001 -- handed to the caller by pwrite or flush
             self._error = self._error or e
         finally:
@@ -189,7 +195,7 @@ class PlannedFile:
         mv = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
         n, A = len(mv), self.ALIGN
         a, b = -(-offset // A) * A, (offset + n) // A * A
-        if self.dfd is None or b - a < A:
+        if self.dfd is None or b - a < max(A, self.DIRECT_MIN):
             _pwrite_all(self.fd, mv, offset)
             return
         if a > offset:
