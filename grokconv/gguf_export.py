@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field

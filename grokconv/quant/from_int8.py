@@ -68,7 +68,7 @@ def fp8_from_int8(q: torch.Tensor, s: torch.Tensor, scheme: str, block=(128, 128
     scales = torch.empty(R, 1, dtype=torch.float32) if S_all is None else None
     blk = K // G
     # 256 columns: torch's int8 column reductions crawl below 128 (7 ns an element at 64, 0.08 at 128)
-    t = max(8, min(2048, TILE_BYTES // 4096 // 8 * 8))
+    t = max(8, min(256, TILE_BYTES // 4096 // 8 * 8))
     kt = max(8, TILE_BYTES // (4 * t) // 8 * 8)          # rows per gather: an int32 index of TILE_BYTES
     for c0 in range(0, R, t):
         c1 = min(R, c0 + t)
@@ -115,7 +115,7 @@ def _block(q, s, blk: int, block: tuple, scale_dtype, out, acc) -> torch.Tensor:
     K, R = q.shape
     b0, b1 = block                                  # b0 output rows (source columns), b1 inputs (source rows)
     scales = torch.empty(cdiv(R, b0), cdiv(K, b1), dtype=torch.float32)
-    t = max(b0, min(cdiv(R, b0) * b0, TILE_BYTES // (4 * b1) // b0 * b0))   # wide: long runs of each source row
+    t = max(b0, min(cdiv(R, b0) * b0, TILE_BYTES // (16 * b1) // b0 * b0))   # 512 source columns: runs of 512 bytes
     kt = max(b1, TILE_BYTES // (4 * t) // b1 * b1)
     for c0 in range(0, R, t):
         c1 = min(R, c0 + t)

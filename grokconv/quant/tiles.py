@@ -106,7 +106,7 @@ def transpose_into(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         out.copy_(src.t())
         return out
     Ka, na = K // m * m, n // m * m
-    if m and Ka and na and _swar_ok(src[:Ka, :na], out[:na, :Ka], m):
+    if Ka and na and _swar_ok(src[:Ka, :na], out[:na, :Ka], m):
         # wide tiles: each source row is read in runs as long as the chunk is wide (the source is a strided
         # column slice of a mapped file: short runs pay a TLB miss and a memory round trip every few lines)
         e = src.element_size()
