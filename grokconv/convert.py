@@ -189,6 +189,9 @@ def _quant_config(quantize, encs, lay: Layout, reader, gs) -> dict | None:
             "ignore": ignore, "kv_cache_scheme": None}
 
 
+_PHASE_LOCK = threading.Lock()
+
+
 @dataclass
 class Summary:
     tensors: int = 0
@@ -202,7 +205,10 @@ class Summary:
     phases: dict = field(default_factory=dict)   # worker-seconds: read+transform, write, error report
 
     def add_phase(self, name: str, seconds: float) -> None:
-        self.phases[name] = self.phases.get(name, 0.0) + seconds
+        """Add worker-seconds to a phase (from any worker thread; one lock for every summary: not a field,
+        so that ``dataclasses.asdict`` still copies a summary for ``--json``)."""
+        with _PHASE_LOCK:
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
 
     @property
     def rate(self) -> float:
@@ -337,10 +343,6 @@ def _write_shards(reader, plan: ConversionPlan, dst: Path, guard, *, workers, de
             summary.bytes_written += n
             bar.update(n)
 
-    def phase(name, sec):
-        with lock:
-            summary.add_phase(name, sec)
-
     saved_threads = torch.get_num_threads()   # workers share the cores; restored when done
     workers = resolve_workers(workers)
     torch.set_num_threads(torch_threads_per_worker(workers))
@@ -356,7 +358,8 @@ def _write_shards(reader, plan: ConversionPlan, dst: Path, guard, *, workers, de
 
             def fill(out, jobs=jobs, shard=shard):
                 summary.bytes_read += sum(run_jobs(
-                    jobs, lambda j: _run_job(reader, j, out, shard.offsets, dev, measure, on_bytes, errors, phase),
+                    jobs, lambda j: _run_job(reader, j, out, shard.offsets, dev, measure, on_bytes, errors,
+                                             summary.add_phase),
                     workers, prefetch=lambda j: reader.prefetch(j.target.source, j.target.index)))
             write_planned(final, shard.size, shard.header, fill, on_bytes,
                           before_rename=lambda final=final, shard=shard: guard.done(final, shard.size))

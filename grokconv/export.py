@@ -183,10 +183,12 @@ def _encode_fp8(enc: Encoding, src: SourceRows, t: Target, ctx: dict, names: lis
     from .quant.fp8 import dequantize_fp8, fp8_scales, quantize_fp8
     r0, n = src.r0, src.r1 - src.r0
     sdt = torch.bfloat16 if enc.scale_dtype == "BF16" else torch.float32
-    if isinstance(src.value, QInt8) and src.transpose and src.device.type == "cpu":
+    from .quant.from_int8 import TABLE_MIN_ROWS, fp8_from_int8
+    v = src.value
+    if isinstance(v, QInt8) and src.transpose and src.device.type == "cpu" and \
+            v.weight.shape[-2] // v.groups >= TABLE_MIN_ROWS:
         # the original int8: tables per column (channel, tensor) or tiles of arithmetic (block), fp8 bytes
         # transposed as bytes (quant.from_int8): the same bytes as below, without a float32 matrix
-        from .quant.from_int8 import fp8_from_int8
         q, scale = fp8_from_int8(src._cols(src.value.weight), src._cols(src.value.scales), enc.scheme, enc.block,
                                  _TORCH[enc.scale_dtype], ctx.get("tensor_scale"), ctx["acc"] if measure else None)
         out = [(names[0], r0, q)]

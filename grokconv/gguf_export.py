@@ -387,10 +387,6 @@ def _write_parts(reader, plan: GGUFPlan, out: Path, guard, *, type, workers, pro
             summary.bytes_written += n
             bar.update(n)
 
-    def phase(name, sec):
-        with lock:
-            summary.add_phase(name, sec)
-
     saved_threads = torch.get_num_threads()
     workers = resolve_workers(workers)
     torch.set_num_threads(torch_threads_per_worker(workers))
@@ -405,7 +401,7 @@ def _write_parts(reader, plan: GGUFPlan, out: Path, guard, *, type, workers, pro
 
             def fill(out, jobs=jobs):
                 summary.bytes_read += sum(run_jobs(
-                    jobs, lambda j: _run(reader, *j, out, on_bytes, results, lock, phase), workers,
+                    jobs, lambda j: _run(reader, *j, out, on_bytes, results, lock, summary.add_phase), workers,
                     prefetch=lambda j: reader.prefetch(j[0].target.source, j[1] if j[1] is not None else j[0].target.index)))
 
             last = part is plan.parts[-1]

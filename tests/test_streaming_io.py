@@ -20,6 +20,7 @@ from grokconv.quant.from_int8 import fp8_from_int8
 from grokconv.quant.metrics import ErrorAccumulator
 from grokconv.quant.tiles import transpose_into
 from grokconv.runtime import run_jobs
+from grokconv.tensor import to_torch
 
 
 # ------------------------------------------------------------------------- transpose_into
@@ -70,6 +71,25 @@ def test_fp8_from_int8_equals_the_float32_quantizer(scheme, K, N, G):
     a, b = acc.result(), exact.result()
     assert a["numel"] == b["numel"] == K * N and a["max_abs"] == b["max_abs"] and a["amax"] == b["amax"]
     assert a["rel_l2"] == pytest.approx(b["rel_l2"], rel=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("scheme", ["channel", "tensor", "block"])
+def test_fp8_from_int8_adversarial_values(scheme, groups):
+    """Every int8 value in each column, scales from bf16 subnormals to 2**100, fp8 rounding ties and the
+    clamp at 448 (test_tiles' adversarial source, called directly: the export sends tensors this small
+    to the float32 path, below TABLE_MIN_ROWS)."""
+    from test_tiles import adversarial_source
+    v = adversarial_source(groups=groups)
+    K, N = v.weight.shape
+    q, s = torch.from_numpy(v.weight), to_torch(v.scales)
+    w = (q.double() * s.double().repeat_interleave(K // groups, dim=0)).t().float().contiguous()
+    ts = torch.tensor([1.0]) if scheme == "tensor" else None
+    want_s = ts if scheme == "tensor" else fp8_scales(w, scheme, (128, 128), torch.bfloat16)
+    got, got_s = fp8_from_int8(q, s, scheme, (128, 128), torch.bfloat16, ts, ErrorAccumulator())
+    assert torch.equal(got.view(torch.uint8), quantize_fp8(w, want_s, scheme).view(torch.uint8))
+    if scheme != "tensor":
+        assert torch.equal(got_s, want_s)
 
 
 def test_update_counts_ignores_values_that_never_occur():

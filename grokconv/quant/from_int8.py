@@ -22,7 +22,11 @@ from ._blocks import cdiv, dequantize_blockwise, e4m3_to_float32, local_scale, q
 from .fp8 import FP8_DTYPE, FP8_MAX
 from .tiles import TILE_BYTES, scratch, transpose_into
 
-__all__ = ["fp8_from_int8"]
+__all__ = ["fp8_from_int8", "TABLE_MIN_ROWS"]
+
+# inputs per (row block, column) below which a 256-entry table costs about what it converts (tiny models):
+# callers keep the float32 path there
+TABLE_MIN_ROWS = 1024
 
 _LEVELS = torch.arange(-128, 128, dtype=torch.float32)    # every int8 value, in table order
 
