@@ -205,14 +205,15 @@ def test_full_disk_in_process_every_write_path(small_ckpt, sources, tmp_path, mo
     from grokconv.megatron import to_megatron
 
     calls = {"n": 0}
+    real_pwrite = os.pwrite
 
     def full_pwrite(fd, data, offset):
         calls["n"] += 1
         if calls["n"] > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return os.pwrite(fd, data, offset)
+        return real_pwrite(fd, data, offset)
     with monkeypatch.context() as m:
-        m.setattr(conv.os, "pwrite", full_pwrite)
+        m.setattr(atomic.os, "pwrite", full_pwrite)       # every planned file's writes (PlannedFile)
         with pytest.raises(DiskFullError, match=r"model-00001-of-\d+\.safetensors: no space left") as e:
             conv.to_safetensors(small_ckpt, tmp_path / "st", max_shard_size="4MB", progress=False, workers=1)
     assert "re-run the same command" in e.value.hint
