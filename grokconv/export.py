@@ -17,7 +17,7 @@ import torch
 
 from .mapping import Target
 from .quant.rowblocks import dequantize_rowblocks
-from .quant.tiles import scratch, tile_columns, transpose_int8
+from .quant.tiles import scratch, tile_columns, transpose_int8, transpose_into
 from .roles import ENCODINGS
 from .tensor import QInt8, to_torch
 
@@ -54,14 +54,20 @@ class SourceRows:
             w, s = self._cols(v.weight), self._cols(v.scales)
             out = scratch("SourceRows.exact", (w.shape[1], w.shape[0]), dtype) if work else None
             return dequantize_rowblocks(w, s, dtype, transpose=True, out=out)
-        t = self._cols(v)
-        t = t.t() if self.transpose and t.dim() == 2 else t
-        return t.to(dtype).contiguous()
+        return self.view().to(dtype).contiguous()
 
-    def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw int8 rows ``[R, in]`` and their scales ``[R, G]`` (source must be QInt8, transposed)."""
+    def view(self) -> torch.Tensor:
+        """A float source's rows ``[R, in]`` as they are stored: a view, strided when transposed."""
+        t = self._cols(self.value)
+        return t.t() if self.transpose and t.dim() == 2 else t
+
+    def int8(self, work: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw int8 rows ``[R, in]`` and their scales ``[R, G]`` (source must be QInt8, transposed).
+        ``work``: the rows land in this thread's reused buffer, as :meth:`exact`'s."""
         v = self.value
-        q = transpose_int8(self._cols(v.weight))
+        w = self._cols(v.weight)
+        q = transpose_into(w, scratch("SourceRows.int8", (w.shape[1], w.shape[0]), w.dtype)) if work and \
+            w.device.type == "cpu" else transpose_int8(w)
         s = self._cols(v.scales).t().contiguous()
         return q, s
 

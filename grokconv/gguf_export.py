@@ -35,7 +35,8 @@ from .formats.base import CheckpointReader, open_checkpoint
 from .formats.gguf import require_gguf
 from .mapping import MAPPINGS_DIR, Layout, Target, load_layout
 from .quant.metrics import ErrorAccumulator
-from .quant.q8_0 import QK8_0, Q8Stats, q8_0_from_int8, quantize_q8_0
+from .quant.q8_0 import BLOCK_BYTES, QK8_0, Q8Stats, q8_0_from_int8, quantize_q8_0
+from .quant.tiles import scratch
 from .runtime import peak_rss_bytes, resolve_workers, run_jobs, torch_threads_per_worker
 from .tensor import QInt8
 from .tokenizer import find_tokenizer
@@ -249,20 +250,20 @@ def _lossless_q8(value) -> bool:
 
 
 def _encode(t: GGUFTensor, src: SourceRows, lossless: bool, stats: Q8Stats, acc, measure: bool) -> np.ndarray:
-    """The GGUF bytes of rows ``src.r0:src.r1`` of one (expert) matrix or vector."""
+    """The GGUF bytes of rows ``src.r0:src.r1`` of one (expert) matrix or vector. Q8_0 rows land in this
+    thread's reused buffer (``tiles.scratch``): the caller writes them before the next chunk."""
     if t.qtype == "Q8_0":
         if lossless:
-            q, s = src.int8()
-            return q8_0_from_int8(q, s, stats).numpy()
-        x = src.exact(torch.float32)
-        out = quantize_q8_0(x.reshape(-1, x.shape[-1]))
-        if acc is not None and measure:
-            from .quant.q8_0 import dequantize_q8_0
-            acc.update(x, dequantize_q8_0(out, x.shape[-1]).view(x.shape))
-        return out.numpy()
+            q, s = src.int8(work=True)
+            out = scratch("gguf.q8_0", (q.shape[0], q.shape[1] // QK8_0 * BLOCK_BYTES), torch.uint8)
+            return q8_0_from_int8(q, s, stats, out=out).numpy()
+        # a float source's rows as they are stored (the tiles widen them); int8 ones dequantized
+        x = src.exact(torch.float32) if isinstance(src.value, QInt8) else src.view()
+        x = x.reshape(-1, x.shape[-1])
+        out = scratch("gguf.q8_0", (x.shape[0], x.shape[1] // QK8_0 * BLOCK_BYTES), torch.uint8)
+        return quantize_q8_0(x, out=out, acc=acc if measure else None).numpy()
     if t.qtype == "BF16":
-        rows = src.exact(torch.bfloat16) if isinstance(src.value, QInt8) else src.exact(torch.float32).to(torch.bfloat16)
-        return rows.view(torch.int16).numpy()
+        return src.exact(torch.bfloat16).view(torch.int16).numpy()
     rows = src.exact(torch.float32)
     return (rows if t.qtype == "F32" else rows.to(torch.float16)).numpy()
 

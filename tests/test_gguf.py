@@ -218,6 +218,44 @@ def test_q8_0_from_int8_counts_scales_that_are_not_fp16():
     assert np.array_equal(quantize_q8_0(x).numpy(), gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q8_0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_q8_0_tiles_are_gguf_py_bit_for_bit(dtype):
+    """The tiled quantizer (int16 rounding, several tiles, strided rows) against gguf-py's quantize on
+    the rounding cases: exact half-way values k/2 (d = 1), the float just below 0.5, the floats just above
+    the halves, zero blocks, magnitudes from 1e-30 to 1e4; blocks with inf, NaN or a 1 / d that overflows
+    take the float32 steps
+    (compared with those, not with gguf-py, whose casts of NaN and inf to int8 are the platform's)."""
+    from grokconv.quant.metrics import ErrorAccumulator
+    from grokconv.quant.q8_0 import _quantize_ref, dequantize_q8_0
+    g = torch.Generator().manual_seed(1)
+    R, K = 600, 1024                                                    # 614,400 values: 3 tiles
+    x = torch.randn(R, K, generator=g) * torch.logspace(-30, 4, R)[:, None]
+    b = x.view(R, K // 32, 32)
+    b[5:8, :, 0] = 127.0                                                # d = 1: y = x exactly
+    b[5, :, 1:] = torch.randint(-254, 255, (K // 32, 31), generator=g).float() / 2
+    b[6, :, 1:5] = torch.tensor([0.49999997, -0.49999997, 0.5, -0.5])
+    b[7, :, 1:] = torch.nextafter(torch.randint(-254, 255, (K // 32, 31), generator=g).float() / 2,
+                                  torch.tensor(1e9))
+    b[8] = 0
+    b[9, 4, 7] = -0.0
+    x = x.to(dtype)
+    fin = torch.isfinite(x.float()).all(1).numpy()
+    assert fin.all()
+    want = gguf.quants.quantize(x.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(quantize_q8_0(x).numpy(), want)
+    assert np.array_equal(quantize_q8_0(x.t().contiguous().t()).numpy(), want)      # strided rows
+    acc = ErrorAccumulator()
+    quantize_q8_0(x, acc=acc)
+    exact = ErrorAccumulator().update(x.float(), dequantize_q8_0(torch.from_numpy(want), K))
+    assert acc.result()["max_abs"] == exact.result()["max_abs"]
+    assert acc.result()["rel_l2"] == pytest.approx(exact.result()["rel_l2"], rel=1e-12)
+    y = x.float().clone()
+    y[10, 70], y[11, 3] = float("inf"), float("nan")
+    y[12, :32] = torch.linspace(-1e-38, 1e-38, 32)                      # d ~ 8e-41: 1 / d overflows
+    ref = _quantize_ref(y, torch.empty(R, K // 32 * 34, dtype=torch.uint8))
+    assert torch.equal(quantize_q8_0(y), ref)
+
+
 # -- the reader: inspect, parity, to-jax ------------------------------------------------------------
 def test_parity_exact_for_f32_and_q8_0_row(work, tiny_ckpt, trained_ckpt, trained_tokens, tmp_path):
     """Lossless GGUF types are exact on the random tiny model; the q8_0 row (lossy: the embedding) is

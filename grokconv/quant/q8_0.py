@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .tiles import scratch
+
 __all__ = ["QK8_0", "BLOCK_BYTES", "q8_0_from_int8", "quantize_q8_0", "dequantize_q8_0", "Q8Stats"]
 
 QK8_0 = 32
@@ -53,17 +55,30 @@ class Q8Stats:
         return out
 
 
-def _pack(d16: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    """fp16 ``[R, nb]`` and int8 ``[R, nb*32]`` -> uint8 ``[R, nb*34]`` (d little-endian, then qs)."""
+def _pack(d16: torch.Tensor, qs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp16 ``[R, nb]`` and int8 ``[R, nb*32]`` -> uint8 ``[R, nb*34]`` (d little-endian, then qs), into
+    ``out`` when given."""
     R, nb = d16.shape
-    out = torch.empty(R, nb, BLOCK_BYTES, dtype=torch.uint8, device=d16.device)
-    out[:, :, :2] = d16.contiguous().view(torch.uint8).view(R, nb, 2)
-    out[:, :, 2:] = qs.contiguous().view(torch.uint8).view(R, nb, QK8_0)
-    return out.view(R, nb * BLOCK_BYTES)
+    if out is None:
+        out = torch.empty(R, nb * BLOCK_BYTES, dtype=torch.uint8, device=d16.device)
+    o3 = out.view(R, nb, BLOCK_BYTES)
+    o3[:, :, :2].view(torch.float16).copy_(d16.view(R, nb, 1))
+    o3[:, :, 2:].view(torch.int8).copy_(qs.view(R, nb, QK8_0))
+    return out
+
+
+def _out(R: int, K: int, out: torch.Tensor | None, device) -> torch.Tensor:
+    shape = (R, K // QK8_0 * BLOCK_BYTES)
+    if out is None:
+        return torch.empty(shape, dtype=torch.uint8, device=device)
+    if tuple(out.shape) != shape or out.dtype != torch.uint8 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous uint8 {shape}, got {out.dtype} {tuple(out.shape)}")
+    return out
 
 
 @torch.no_grad()
-def q8_0_from_int8(q: torch.Tensor, scales: torch.Tensor, stats: Q8Stats | None = None) -> torch.Tensor:
+def q8_0_from_int8(q: torch.Tensor, scales: torch.Tensor, stats: Q8Stats | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Q8_0 rows from the original int8 rows ``q [R, K]`` and their scales ``[R, G]`` (row ``r``, inputs
     of block ``g`` of ``K / G``, scaled by ``scales[r, g]``); ``K / G`` must be a multiple of 32.
 
@@ -87,7 +102,7 @@ def q8_0_from_int8(q: torch.Tensor, scales: torch.Tensor, stats: Q8Stats | None 
             max_rel = float((diff / s.abs())[bad].max())
             min_scale = float(s.abs()[bad].min())
         stats.add(s.numel(), n_bad, max_abs, max_rel, min_scale)
-    return _pack(d16, q)
+    return _pack(d16, q, _out(R, K, out, q.device))
 
 
 def _roundf_(v: torch.Tensor) -> torch.Tensor:
@@ -99,17 +114,68 @@ def _roundf_(v: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """Ordinary Q8_0 of float32 rows ``[R, K]`` (``K`` a multiple of 32) -> uint8 ``[R, K/32*34]``."""
+def quantize_q8_0(x: torch.Tensor, out: torch.Tensor | None = None, acc=None) -> torch.Tensor:
+    """Ordinary Q8_0 of float rows ``[R, K]`` (any float dtype and strides, ``K`` a multiple of 32) ->
+    uint8 ``[R, K/32*34]`` (into ``out`` when given). ``acc``: an ``ErrorAccumulator`` fed every element's
+    error against ``x`` in float32.
+
+    On the CPU the rows go through in tiles of about ``_TILE`` elements kept in per-thread buffers
+    (``tiles.scratch``), and the rounding is done in int16: ``k = trunc(2 y)`` is exact, and
+    ``(k + 1 + (k >> 15)) >> 1`` is ``y`` rounded half away from zero (``ceil(k / 2)`` for ``k >= 0``,
+    ``floor(k / 2)`` below), the value gguf-py's ``np_roundf`` gives. ``y * 2`` is taken as
+    ``x * (2 / d)``: doubling is exact, and values too small for that to matter give ``k = 0`` either way.
+    A tile with a non-finite ``d`` or ``1 / d`` (inf or NaN in its input, or ``max |x| < 4e-37``) takes
+    gguf-py's float32 steps instead.
+    """
     R, K = x.shape
     if K % QK8_0:
         raise ValueError(f"row length {K} is not a multiple of {QK8_0}")
-    b = x.float().reshape(R, K // QK8_0, QK8_0)
+    out = _out(R, K, out, x.device)
+    if x.device.type != "cpu":
+        return _quantize_ref(x.float(), out, acc)
+    nb = K // QK8_0
+    o3 = out.view(R, nb, BLOCK_BYTES)
+    step = max(1, _TILE // max(K, 1))
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        n = r1 - r0
+        xf = scratch("q8_0.x", (n, K), torch.float32)
+        xf.copy_(x[r0:r1])
+        b = xf.view(n, nb, QK8_0)
+        a = scratch("q8_0.a", (n, nb, QK8_0), torch.float32)
+        d = torch.abs(b, out=a).amax(dim=2, keepdim=True).div_(127)           # max |x| / 127 per block
+        inv2 = torch.where(d == 0, torch.zeros_like(d), 1 / d).mul_(2)
+        if not bool((torch.isfinite(d) & torch.isfinite(inv2)).all()):   # inf or NaN in, or 1 / d overflows
+            _quantize_ref(xf, out[r0:r1], acc)
+            continue
+        k = scratch("q8_0.k", (n, nb, QK8_0), torch.int16)
+        k.copy_(torch.mul(b, inv2, out=a))                                       # trunc(2 y)
+        qs = scratch("q8_0.q", (n, nb, QK8_0), torch.int16)
+        torch.bitwise_right_shift(k, 15, out=qs).add_(k).add_(1).bitwise_right_shift_(1)
+        o3[r0:r1, :, 2:].view(torch.int8).copy_(qs)
+        d16 = d.to(torch.float16)
+        o3[r0:r1, :, :2].view(torch.float16).copy_(d16)
+        if acc is not None:     # qs * d in float32, as dequantize_q8_0 computes it
+            acc.update(b, torch.mul(a.copy_(qs), d16.float(), out=a))
+    return out
+
+
+_TILE = 1 << 18     # elements per tile: larger tiles pay less per-op overhead, smaller ones miss L2
+
+
+def _quantize_ref(x: torch.Tensor, out: torch.Tensor, acc=None) -> torch.Tensor:
+    """gguf-py's float32 steps on float32 rows (``d = amax / 127``, ``qs = np_roundf(x / d)``): the device
+    path, and CPU tiles holding inf or NaN."""
+    R, K = x.shape
+    b = x.reshape(R, K // QK8_0, QK8_0)
     lo, hi = torch.aminmax(b, dim=2, keepdim=True)
     d = torch.maximum(hi, -lo).abs_() / 127             # max |x| (+0 for a zero block), no |x| copy
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     qs = _roundf_(b * inv).to(torch.int8)
-    return _pack(d.squeeze(2).to(torch.float16), qs.reshape(R, K))
+    _pack(d.squeeze(2).to(torch.float16), qs.reshape(R, K), out)
+    if acc is not None:
+        acc.update(x, dequantize_q8_0(out, K))
+    return out
 
 
 @torch.no_grad()
