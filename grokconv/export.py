@@ -158,7 +158,7 @@ def encode_chunk(enc: Encoding, src: SourceRows, t: Target, ctx: dict):
         if isinstance(src.value, QInt8) and want == torch.bfloat16:
             rows = src.exact(torch.bfloat16)       # bf16(int8 * scale) in one rounding, as the reference
         else:
-            rows = src.exact(torch.float32).to(want)
+            rows = src.exact(want)      # a float source: no copy at all when it is stored as wanted
         if measure:
             ctx["acc"].update(src.exact(torch.float32), rows.float())
         return [(names[0], r0, rows)], measure
@@ -195,8 +195,11 @@ def _encode_fp8(enc: Encoding, src: SourceRows, t: Target, ctx: dict, names: lis
             v.weight.shape[-2] // v.groups >= TABLE_MIN_ROWS:
         # the original int8: tables per column (channel, tensor) or tiles of arithmetic (block), fp8 bytes
         # transposed as bytes (quant.from_int8): the same bytes as below, without a float32 matrix
+        # into this thread's reused buffer: the caller writes the chunk before the next one
+        buf = scratch("encode_fp8", (n, v.weight.shape[-2]), torch.uint8).view(torch.float8_e4m3fn)
         q, scale = fp8_from_int8(src._cols(src.value.weight), src._cols(src.value.scales), enc.scheme, enc.block,
-                                 _TORCH[enc.scale_dtype], ctx.get("tensor_scale"), ctx["acc"] if measure else None)
+                                 _TORCH[enc.scale_dtype], ctx.get("tensor_scale"), ctx["acc"] if measure else None,
+                                 out=buf)
         out = [(names[0], r0, q)]
         if scale is not None:
             out.append((names[1], r0 // enc.block[0] if enc.scheme == "block" else r0, scale.to(sdt)))

@@ -47,11 +47,12 @@ def test_transpose_into_refuses_mismatched_shapes():
 
 # ------------------------------------------------------------------------- fp8 tables at real tile sizes
 @pytest.mark.parametrize("scheme", ["channel", "tensor", "block"])
-@pytest.mark.parametrize("K,N,G", [(4096, 520, 8), (1152, 300, 1), (640, 136, 2)])
+@pytest.mark.parametrize("K,N,G", [(4096, 520, 8), (1152, 300, 1), (640, 136, 2), (2048, 1024, 8), (1024, 896, 1)])
 def test_fp8_from_int8_equals_the_float32_quantizer(scheme, K, N, G):
     """The default tiles (no small_tiles): several column and row tiles, partial ones, groups whose rows
-    are not whole 128-blocks; bytes and scales equal quantize_fp8 on the exact float32 matrix, and the
-    table-weighted error sums equal the float64 sums over every element."""
+    are not whole 128-blocks, and shapes of whole 128-blocks only (the block scheme's one-pass tiles);
+    bytes and scales equal quantize_fp8 on the exact float32 matrix, and the error sums (table-weighted,
+    or from the decoded tiles) equal the float64 sums over every element."""
     rng = np.random.default_rng(K + N)
     q = torch.from_numpy(rng.integers(-128, 128, size=(K, N), dtype=np.int8))
     s = torch.from_numpy((rng.random((G, N), dtype=np.float32) * 0.02 + 1e-4)).to(torch.bfloat16)
@@ -61,7 +62,9 @@ def test_fp8_from_int8_equals_the_float32_quantizer(scheme, K, N, G):
     want_s = ts if scheme == "tensor" else fp8_scales(w, scheme, (128, 128), torch.bfloat16)
     want = quantize_fp8(w, want_s, scheme).view(torch.uint8)
     acc = ErrorAccumulator()
-    got, got_s = fp8_from_int8(q, s, scheme, (128, 128), torch.bfloat16, ts, acc)
+    junk = torch.full((N, K), 0x5A, dtype=torch.uint8).view(torch.float8_e4m3fn)   # a reused buffer's old bytes
+    got, got_s = fp8_from_int8(q, s, scheme, (128, 128), torch.bfloat16, ts, acc, out=junk)
+    assert got.data_ptr() == junk.data_ptr()
     assert torch.equal(got.view(torch.uint8), want)
     if scheme != "tensor":
         assert torch.equal(got_s, want_s)
@@ -73,14 +76,15 @@ def test_fp8_from_int8_equals_the_float32_quantizer(scheme, K, N, G):
     assert a["rel_l2"] == pytest.approx(b["rel_l2"], rel=1e-6)
 
 
+@pytest.mark.parametrize("n_cols", [96, 256])
 @pytest.mark.parametrize("groups", [1, 8])
 @pytest.mark.parametrize("scheme", ["channel", "tensor", "block"])
-def test_fp8_from_int8_adversarial_values(scheme, groups):
+def test_fp8_from_int8_adversarial_values(scheme, groups, n_cols):
     """Every int8 value in each column, scales from bf16 subnormals to 2**100, fp8 rounding ties and the
     clamp at 448 (test_tiles' adversarial source, called directly: the export sends tensors this small
-    to the float32 path, below TABLE_MIN_ROWS)."""
+    to the float32 path, below TABLE_MIN_ROWS); 256 columns are whole blocks (the one-pass tiles)."""
     from test_tiles import adversarial_source
-    v = adversarial_source(groups=groups)
+    v = adversarial_source(n_cols=n_cols, groups=groups)
     K, N = v.weight.shape
     q, s = torch.from_numpy(v.weight), to_torch(v.scales)
     w = (q.double() * s.double().repeat_interleave(K // groups, dim=0)).t().float().contiguous()
@@ -92,12 +96,55 @@ def test_fp8_from_int8_adversarial_values(scheme, groups):
         assert torch.equal(got_s, want_s)
 
 
+@pytest.mark.parametrize("over", [1.0, 449.75 / 448, 463.9 / 448, 470 / 448, 600 / 448])
+def test_block_tile_clamps_only_where_a_quotient_could_reach_464(over):
+    """_quantize_tile against quantize_blockwise with scales ``amax / (448 * over)``: quotients up to 449.75
+    (a bf16 scale rounded down) and just under 464 take the one-pass division, which must still give the
+    clamped bytes (448); 470 and 600 take the clamp. Errors: the float64 sums of the decoded bytes."""
+    from grokconv.quant._blocks import dequantize_blockwise, quantize_blockwise
+    from grokconv.quant.from_int8 import _quantize_tile
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randint(-128, 128, (256, 384), generator=g).float() * 0.01)
+    x[0, 0], x[200, 300] = 1.28, -1.28                      # every block's amax: 1.28 at the corners
+    amax = x.abs().view(2, 128, 3, 128).amax(dim=(1, 3))
+    S = amax / (448 * over)
+    want = quantize_blockwise(x, S, 128, 128, 0, -448.0, 448.0, torch.float8_e4m3fn, rounding=False)
+    got = torch.empty(256, 384, dtype=torch.float8_e4m3fn)
+    acc = ErrorAccumulator()
+    _quantize_tile(x, S, amax, 128, 128, got, acc)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert not torch.isnan(got.float()).any()
+    exact = ErrorAccumulator().update(x, dequantize_blockwise(want, S, 128, 128, 0, torch.float8_e4m3fn))
+    a, b = acc.result(), exact.result()
+    assert a["max_abs"] == b["max_abs"] and a["rel_l2"] == pytest.approx(b["rel_l2"], rel=1e-12)
+
+
 def test_update_counts_ignores_values_that_never_occur():
     acc = ErrorAccumulator().update_counts(torch.tensor([1.0, float("inf"), 2.0]), torch.tensor([1.5, 0.0, 2.0]),
                                            torch.tensor([2, 0, 1]))
     r = acc.result()
     assert r["numel"] == 3 and r["max_abs"] == 0.5 and r["amax"] == 2.0
     assert r["rel_l2"] == pytest.approx((2 * 0.25 / (2 * 1 + 4)) ** 0.5)
+
+
+def test_a_float_source_stored_as_wanted_is_written_from_the_mapping_itself():
+    """bf16 rows to bf16 (the embedding of every conversion): no copy at all, the source's own bytes (NaN
+    payloads included); float32 rows to bf16 round as torch's cast does."""
+    import ml_dtypes
+    from grokconv.export import SourceRows, encode_chunk, encoding_for
+    from grokconv.mapping import Target
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 1 << 16, size=(64, 96), dtype=np.uint16)
+    src = bits.view(ml_dtypes.bfloat16)
+    t = Target("e.weight", "e", None, "embedding", False, (64, 96))
+    enc = encoding_for("none", "embedding")
+    (name, r0, rows), = encode_chunk(enc, SourceRows(src, False, 16, 48, torch.device("cpu")), t, {})[0]
+    assert (name, r0) == ("e.weight", 16)
+    assert rows.data_ptr() == to_torch(src[16:48]).data_ptr()                # a view of the source
+    assert np.array_equal(rows.view(torch.int16).numpy().view(np.uint16), bits[16:48])
+    f32 = rng.standard_normal((64, 96)).astype(np.float32)
+    (_, _, rows), = encode_chunk(enc, SourceRows(f32, False, 0, 64, torch.device("cpu")), t, {})[0]
+    assert torch.equal(rows.view(torch.int16), torch.from_numpy(f32).to(torch.bfloat16).view(torch.int16))
 
 
 # ------------------------------------------------------------------------- the planned file

@@ -28,6 +28,7 @@ __all__ = ["fp8_from_int8", "TABLE_MIN_ROWS"]
 # callers keep the float32 path there
 TABLE_MIN_ROWS = 1024
 
+_NO_CLAMP_BELOW = 464.0   # quotients below it cast to at most 448 in every torch (see _quantize_tile)
 _LEVELS = torch.arange(-128, 128, dtype=torch.float32)    # every int8 value, in table order
 
 
@@ -44,13 +45,14 @@ def _segments(k0: int, k1: int, blk: int):
 @torch.no_grad()
 def fp8_from_int8(q: torch.Tensor, s: torch.Tensor, scheme: str, block=(128, 128),
                   scale_dtype: torch.dtype = torch.bfloat16, tensor_scale: torch.Tensor | None = None,
-                  acc=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  acc=None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float8_e4m3fn ``[R, K]`` rows and their float32 scales from int8 ``q [K, R]`` and scales ``s [G, R]``.
 
     ``q`` and ``s`` are the source's columns (any strides), ``q[k, n] * s[k // (K/G), n]`` the exact
     value of output element ``[n, k]``. Scales: ``(R, 1)`` for channel, ``(cdiv(R, b0), cdiv(K, b1))`` for
     block (``R`` must then start a block: the caller's rows begin at a multiple of ``b0``), None for tensor
-    (``tensor_scale`` is used). ``acc``: an ``ErrorAccumulator`` fed the error of every element.
+    (``tensor_scale`` is used). ``acc``: an ``ErrorAccumulator`` fed the error of every element. ``out``: the
+    float8 ``[R, K]`` to fill (a reused buffer spares the page faults of a fresh one).
     """
     if q.dtype != torch.int8 or q.ndim != 2 or s.ndim != 2 or s.shape[1] != q.shape[1]:
         raise ValueError(f"need int8 q [K, R] and scales [G, R], got {q.dtype} {tuple(q.shape)} and {tuple(s.shape)}")
@@ -58,7 +60,10 @@ def fp8_from_int8(q: torch.Tensor, s: torch.Tensor, scheme: str, block=(128, 128
     G = s.shape[0]
     if G <= 0 or K % G:
         raise ValueError(f"input dim K={K} is not divisible into {G} scale blocks")
-    out = torch.empty(R, K, dtype=FP8_DTYPE)
+    if out is None:
+        out = torch.empty(R, K, dtype=FP8_DTYPE)
+    elif tuple(out.shape) != (R, K) or out.dtype != FP8_DTYPE:
+        raise ValueError(f"out must be float8_e4m3fn {(R, K)}, got {out.dtype} {tuple(out.shape)}")
     if scheme == "block":
         return out, _block(q, s.to(torch.float32), K // G, tuple(int(b) for b in block), scale_dtype, out, acc)
     if scheme == "tensor":
@@ -78,8 +83,10 @@ def fp8_from_int8(q: torch.Tensor, s: torch.Tensor, scheme: str, block=(128, 128
         c1 = min(R, c0 + t)
         n = c1 - c0
         sc = s[:, c0:c1].to(torch.float32)                             # [G, n]
+        # the column strip read once from the mapped source, as bytes (see _block), then used from the cache
+        qc = scratch("fp8_from_int8.strip", (K, n), torch.int8).copy_(q[:, c0:c1])
         if S_all is None:   # max |q| per column and row block (int8 reductions), times |s|: max |q * s|
-            colmax = torch.stack([_colmax(q[g * blk:(g + 1) * blk, c0:c1]) for g in range(G)])
+            colmax = torch.stack([_colmax(qc[g * blk:(g + 1) * blk]) for g in range(G)])
             amax = (colmax * sc.abs()).amax(0) if blk else torch.zeros(n)
             S = local_scale(scales_from_amax(amax.reshape(n, 1), FP8_MAX, scale_dtype), n, K, 1, K, 0, q.device)[:, 0]
             scales[c0:c1, 0] = S
@@ -94,7 +101,7 @@ def fp8_from_int8(q: torch.Tensor, s: torch.Tensor, scheme: str, block=(128, 128
             k1 = min(K, k0 + kt)
             idx = scratch("fp8_from_int8.idx", (k1 - k0, n), torch.int32)
             for g, a, b in _segments(k0, k1, blk):
-                idx[a - k0:b - k0].copy_(q[a:b, c0:c1]).add_(off[g])
+                idx[a - k0:b - k0].copy_(qc[a:b]).add_(off[g])
             flat = idx.view(-1)
             got = scratch("fp8_from_int8.got", (k1 - k0, n), torch.uint8)
             torch.index_select(tab8, 0, flat, out=got.view(-1))
@@ -119,35 +126,77 @@ def _block(q, s, blk: int, block: tuple, scale_dtype, out, acc) -> torch.Tensor:
     K, R = q.shape
     b0, b1 = block                                  # b0 output rows (source columns), b1 inputs (source rows)
     scales = torch.empty(cdiv(R, b0), cdiv(K, b1), dtype=torch.float32)
-    t = max(b0, min(cdiv(R, b0) * b0, TILE_BYTES // (16 * b1) // b0 * b0))   # 512 source columns: runs of 512 bytes
-    kt = max(b1, TILE_BYTES // (4 * t) // b1 * b1)
+    # twice the usual tile: 768 source columns (runs of 768 bytes) by 1024 inputs, fewer small ops per
+    # element (3.0 MiB measured 6% faster than 1.5 here; L2 is 2 MiB a core, L3 large)
+    t = max(b0, min(cdiv(R, b0) * b0, TILE_BYTES // (16 * b1) // b0 * b0))
+    kt = max(b1, 2 * TILE_BYTES // (4 * t) // b1 * b1)
     for c0 in range(0, R, t):
         c1 = min(R, c0 + t)
         for k0 in range(0, K, kt):
             k1 = min(K, k0 + kt)
             x = scratch("fp8_from_int8.x", (k1 - k0, c1 - c0), torch.float32)
             amax = torch.zeros(cdiv(k1 - k0, b1), c1 - c0)          # max |q * s| per (input block, column)
+            # the source tile read once, as bytes (a vectorised copy: the widening copy reads a mapped
+            # file's cold pages a third slower), then widened and reduced in the cache
+            qt = scratch("fp8_from_int8.q", (k1 - k0, c1 - c0), torch.int8).copy_(q[k0:k1, c0:c1])
             for g, a, b in _segments(k0, k1, blk):
-                x[a - k0:b - k0].copy_(q[a:b, c0:c1]).mul_(s[g, c0:c1])
-                sg = s[g, c0:c1].abs()
                 r0, r1 = a - k0, b - k0                              # the int8 reduced, times |s|: exact
+                x[r0:r1].copy_(qt[r0:r1]).mul_(s[g, c0:c1])
+                sg = s[g, c0:c1].abs()
                 m0, m1 = min(r1, cdiv(r0, b1) * b1), max(r0, r1 // b1 * b1)   # whole blocks: one reduction
                 if m1 > m0:
-                    qb = q[k0 + m0:k0 + m1, c0:c1].unflatten(0, (-1, b1))
+                    qb = qt[m0:m1].unflatten(0, (-1, b1))
                     cm = torch.maximum(qb.amax(1).to(torch.int16), qb.amin(1).to(torch.int16).neg())
                     blocks = amax[m0 // b1:m1 // b1]
                     torch.maximum(blocks, cm.to(torch.float32) * sg, out=blocks)
                 for p0, p1 in ((r0, m0), (max(m1, m0), r1)):              # partial blocks at either end
                     if p1 > p0:
                         i = p0 // b1
-                        torch.maximum(amax[i], _colmax(q[k0 + p0:k0 + p1, c0:c1]) * sg, out=amax[i])
+                        torch.maximum(amax[i], _colmax(qt[p0:p1]) * sg, out=amax[i])
             pad = cdiv(c1 - c0, b0) * b0 - (c1 - c0)
             amax = torch.nn.functional.pad(amax, (0, pad)).view(amax.shape[0], -1, b0).amax(2)
             S = scales_from_amax(amax, FP8_MAX, scale_dtype)                          # [k blocks, n blocks]
             f8 = scratch("fp8_from_int8.f8", (k1 - k0, c1 - c0), torch.uint8).view(FP8_DTYPE)
-            quantize_blockwise(x, S, b1, b0, 0, -FP8_MAX, FP8_MAX, FP8_DTYPE, rounding=False, out=f8)
-            if acc is not None:
-                acc.update(x, dequantize_blockwise(f8, S, b1, b0, 0, FP8_DTYPE))
+            if (k1 - k0) % b1 or (c1 - c0) % b0:      # partial blocks (odd shapes): the padded general path
+                quantize_blockwise(x, S, b1, b0, 0, -FP8_MAX, FP8_MAX, FP8_DTYPE, rounding=False, out=f8)
+                if acc is not None:
+                    acc.update(x, dequantize_blockwise(f8, S, b1, b0, 0, FP8_DTYPE))
+            else:
+                _quantize_tile(x, S, amax, b1, b0, f8, acc)
             transpose_into(f8.view(torch.uint8), out[c0:c1, k0:k1].view(torch.uint8))
             scales[c0 // b0:c0 // b0 + S.shape[1], k0 // b1:k0 // b1 + S.shape[0]] = S.t()
     return scales
+
+
+def _quantize_tile(x: torch.Tensor, S: torch.Tensor, amax: torch.Tensor, b1: int, b0: int, f8: torch.Tensor,
+                   acc) -> None:
+    """fp8 of a tile of whole blocks: ``quantize_blockwise``'s float32 division by the block's scale, clamp
+    and cast, in this thread's buffers; with ``acc``, the error of ``fp8 * S`` against ``x``.
+
+    Where no quotient can reach 464 (``fl(amax / S) < 464`` in every block: division rounds monotonically,
+    so no ``fl(x / S)`` of the block is larger), the clamp changes no byte: quotients in ``[448, 464)``
+    round to 448 in every torch (464 is the midpoint of 448 and 480, e4m3fn's NaN code; torch <= 2.11
+    turns 464 and above into NaN, newer ones saturate). The division then writes the fp8 directly (one
+    pass; the same float32 quotient, the same cast). A bf16 scale rounds at most 2**-8 below
+    ``amax / 448`` (quotients up to ~449.75), so only NaN or inf takes the clamped path.
+
+    The dequantization reads the fp8 bytes as float16 bits (``(u + (u & 0x80)) << 7`` puts the sign at
+    bit 15 and ``eeeemmm`` at bits 7..13: the e4m3 value times 2**-8, exactly) and multiplies by ``S * 256``
+    (exact): the float32 ``fp8 * S`` that ``dequantize_blockwise`` gives. No NaN code needs decoding:
+    the clamp leaves none unless ``x`` is NaN there, and the error is then NaN either way."""
+    k, n = x.shape
+    v = (k // b1, b1, n // b0, b0)
+    Sb = S[:, None, :, None]
+    y = scratch("fp8_from_int8.y", v, torch.float32)
+    if bool((amax / S).lt(_NO_CLAMP_BELOW).all()):
+        torch.div(x.view(v), Sb, out=f8.view(v))
+    else:
+        f8.view(v).copy_(torch.div(x.view(v), Sb, out=y).clamp_(-FP8_MAX, FP8_MAX))
+    if acc is None:
+        return
+    u = scratch("fp8_from_int8.u", (k, n), torch.int16)
+    h = scratch("fp8_from_int8.h", (k, n), torch.int16)
+    u.copy_(f8.view(torch.uint8))
+    torch.bitwise_and(u, 0x80, out=h).add_(u).bitwise_left_shift_(7)
+    y.view(k, n).copy_(h.view(torch.float16))
+    acc.update(x, y.mul_(Sb * 256.0).view(k, n))
