@@ -34,7 +34,9 @@ RUN = """
 import json, sys, os, time
 from grokconv.convert import to_safetensors
 t = time.perf_counter()
-s = to_safetensors(sys.argv[1], sys.argv[2], quantize=sys.argv[3], fp8_scheme=sys.argv[4], workers=int(sys.argv[5]),
+scheme = sys.argv[4]      # "block-inv": the DeepSeek-style --fp8-format fp8 (128x128 blocks, float32 scale_inv)
+s = to_safetensors(sys.argv[1], sys.argv[2], quantize=sys.argv[3], fp8_scheme=scheme.removesuffix("-inv"),
+                   fp8_format="fp8" if scheme.endswith("-inv") else "compressed-tensors", workers=int(sys.argv[5]),
                    progress=False, device=sys.argv[6])
 os.sync()
 print(json.dumps({"seconds": time.perf_counter() - t, "read": s.bytes_read, "written": s.bytes_written,
@@ -130,7 +132,7 @@ def main():
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--workers", default=f"1,{cores}" if cores > 1 else "1",
                     help="comma-separated worker counts to run each case with (default: 1 and the available cores)")
-    ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block,gguf:f16,gguf:q8_0,"
+    ap.add_argument("--cases", default="none,int8,fp8:channel,fp8:tensor,fp8:block,fp8:block-inv,gguf:f16,gguf:q8_0,"
                                        "megatron:torch_dist")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic source for the next run")
     ap.add_argument("--hash", action="store_true", help="print the sha256 of every output file (to compare builds)")
@@ -220,9 +222,10 @@ def main():
         shutil.rmtree(src)
 
     print()
-    print(f"{'case':<19} {'wk':>2} {'seconds':>8} {'GB moved':>8} {'MB/s':>6} {'cp s':>5} {'x cp':>5} {'peak RSS':>9} "
+    print(f"{'case':<19} {'wk':>2} {'seconds':>8} {'GB moved':>8} {'MB/s':>6} {'cp s':>5} {'x cp':>5} {'x min':>5} "
+          f"{'peak RSS':>9} "
           f"{'bound':>9}  {'read/transform/write of worker time':<36} {'318 GB release':>15}  load")
-    print(f"{'cp (fastest)':<19} {'':>2} {cp_s:8.1f} {2 * size / 1e9:8.2f} {cp_rate / 1e6:6.0f} {cp_s:5.1f} {1:5.2f} "
+    print(f"{'cp (fastest)':<19} {'':>2} {cp_s:8.1f} {2 * size / 1e9:8.2f} {cp_rate / 1e6:6.0f} {cp_s:5.1f} {1:5.2f} {1:5.2f} "
           f"{'':>9} {'disk':>9}  {'':<36} {hms(cp_s * RELEASE_BYTES / size):>15}")
     for r in rows:
         ph = r["phases"]
@@ -236,10 +239,12 @@ def main():
         bound = max(split, key=split.get) if ph else "n/a"
         prof = "/".join(f"{100 * v / work:.0f}" for v in split.values()) + " %" if ph else "(this writer times no phases)"
         print(f"{r['case']:<19} {r['workers']:>2} {r['sec']:8.1f} {r['moved'] / 1e9:8.2f} {r['rate'] / 1e6:6.0f} "
-              f"{r['cp']:5.1f} {r['rate'] / (2 * size / r['cp']):5.2f} {gib(r['rss']):7.2f} G {bound:>9}  {prof:<36} "
+              f"{r['cp']:5.1f} {r['rate'] / (2 * size / r['cp']):5.2f} {r['rate'] / cp_rate:5.2f} {gib(r['rss']):7.2f} G "
+              f"{bound:>9}  {prof:<36} "
               f"{hms(r['sec'] * RELEASE_BYTES / size):>15}  {r['load']:.1f}")
     print(f"\ncp runs (s), one before the first case and one after each: {', '.join(f'{c:.1f}' for c in cps)}; "
-          f"each case's reference ('cp s') is the faster of its two neighbours")
+          f"each case's reference ('cp s') is the faster of its two neighbours; 'x min' is against the fastest "
+          f"copy of the whole run, whatever the disk's state when the case ran (the stricter figure)")
     print(f"{cores} cores available; device {args.device}; source {gib(size):.2f} GiB ({args.layers} layers); "
           f"page cache {'dropped before every measurement' if cold else 'NOT dropped (not permitted): warm reads'}; "
           f"load average now {os.getloadavg()[0]:.1f} (the last column: when each case started)")

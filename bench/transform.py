@@ -51,7 +51,8 @@ def run_case(case: str, value: QInt8, clock=time.thread_time) -> float:
         for r0 in range(0, N, step):
             _encode(g, SourceRows(value, True, r0, min(N, r0 + step), cpu), True, Q8Stats(), None, False)
         return clock() - t0
-    enc = encoding_for(quant, "linear", fp8_scheme=scheme or "channel", group_size=128)
+    enc = encoding_for(quant, "linear", fp8_scheme=(scheme or "channel").removesuffix("-inv"), group_size=128,
+                       fp8_format="fp8" if scheme.endswith("-inv") else "compressed-tensors")
     ctx = {}
     if enc.kind == "fp8" and enc.scheme == "tensor":
         from grokconv.quant.fp8 import fp8_scales_from_amax

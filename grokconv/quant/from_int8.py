@@ -6,7 +6,9 @@ depends on ``q`` alone: 256 possible inputs. Each ``(g, n)`` gets a 256-entry ta
 the arithmetic of :func:`~grokconv.quant.fp8.quantize_fp8` (the exact float32 product ``q * s``, a float32
 division, the clamp, the round-to-nearest-even cast), and the column is one byte gather. ``block`` scales
 change every 128 inputs, so a table would cost more than it saves: there the arithmetic runs on cache-
-sized tiles in the source's orientation. Either way the fp8 bytes are then transposed as bytes
+sized tiles in the source's orientation, the division writing the fp8 directly where no clamp can
+matter (:func:`_quantize_tile`). Both read the mapped int8 once, as bytes, into a per-thread buffer
+before widening it. Either way the fp8 bytes are then transposed as bytes
 (:func:`~grokconv.quant.tiles.transpose_into`). The results are the bytes the float32 path gives, scales
 included: ``max |q * s|`` of a column is ``max |q| * |s|`` exactly, each product being exact.
 

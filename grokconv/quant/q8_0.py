@@ -11,7 +11,8 @@ Two ways in:
   Blocks whose scale is not exact in fp16 are counted and their error measured.
 * :func:`quantize_q8_0` -- ordinary Q8_0 of float values (``d = amax / 127``, ``qs = round(x / d)``
   half away from zero), bit for bit what ``gguf.quants.quantize`` and ggml's ``quantize_row_q8_0_ref``
-  give, in torch so that it runs on row chunks at memory speed.
+  give, in torch, on cache-sized tiles of rows with the rounding done in int16 (about 2 ns a value on
+  one core here; the float32 steps on whole chunks took 12).
 """
 from __future__ import annotations
 
