@@ -225,8 +225,8 @@ def main():
     print(f"{'case':<19} {'wk':>2} {'seconds':>8} {'GB moved':>8} {'MB/s':>6} {'cp s':>5} {'x cp':>5} {'x min':>5} "
           f"{'peak RSS':>9} "
           f"{'bound':>9}  {'read/transform/write of worker time':<36} {'318 GB release':>15}  load")
-    print(f"{'cp (fastest)':<19} {'':>2} {cp_s:8.1f} {2 * size / 1e9:8.2f} {cp_rate / 1e6:6.0f} {cp_s:5.1f} {1:5.2f} {1:5.2f} "
-          f"{'':>9} {'disk':>9}  {'':<36} {hms(cp_s * RELEASE_BYTES / size):>15}")
+    print(f"{'cp (fastest)':<19} {'':>2} {cp_s:8.1f} {2 * size / 1e9:8.2f} {cp_rate / 1e6:6.0f} {cp_s:5.1f} "
+          f"{1:5.2f} {1:5.2f} {'':>9} {'disk':>9}  {'':<36} {hms(cp_s * RELEASE_BYTES / size):>15}")
     for r in rows:
         ph = r["phases"]
         work = sum(ph.values()) or 1e-9
@@ -239,8 +239,8 @@ def main():
         bound = max(split, key=split.get) if ph else "n/a"
         prof = "/".join(f"{100 * v / work:.0f}" for v in split.values()) + " %" if ph else "(this writer times no phases)"
         print(f"{r['case']:<19} {r['workers']:>2} {r['sec']:8.1f} {r['moved'] / 1e9:8.2f} {r['rate'] / 1e6:6.0f} "
-              f"{r['cp']:5.1f} {r['rate'] / (2 * size / r['cp']):5.2f} {r['rate'] / cp_rate:5.2f} {gib(r['rss']):7.2f} G "
-              f"{bound:>9}  {prof:<36} "
+              f"{r['cp']:5.1f} {r['rate'] / (2 * size / r['cp']):5.2f} {r['rate'] / cp_rate:5.2f} "
+              f"{gib(r['rss']):7.2f} G {bound:>9}  {prof:<36} "
               f"{hms(r['sec'] * RELEASE_BYTES / size):>15}  {r['load']:.1f}")
     print(f"\ncp runs (s), one before the first case and one after each: {', '.join(f'{c:.1f}' for c in cps)}; "
           f"each case's reference ('cp s') is the faster of its two neighbours; 'x min' is against the fastest "
