@@ -194,10 +194,10 @@ def _encode_fp8(enc: Encoding, src: SourceRows, t: Target, ctx: dict, names: lis
     if isinstance(v, QInt8) and src.transpose and src.device.type == "cpu" and \
             v.weight.shape[-2] // v.groups >= TABLE_MIN_ROWS:
         # the original int8: tables per column (channel, tensor) or tiles of arithmetic (block), fp8 bytes
-        # transposed as bytes (quant.from_int8): the same bytes as below, without a float32 matrix
-        # into this thread's reused buffer: the caller writes the chunk before the next one
+        # transposed as bytes (quant.from_int8): the same bytes as below, without a float32 matrix. They go
+        # into this thread's reused buffer: the caller writes the chunk before the next one.
         buf = scratch("encode_fp8", (n, v.weight.shape[-2]), torch.uint8).view(torch.float8_e4m3fn)
-        q, scale = fp8_from_int8(src._cols(src.value.weight), src._cols(src.value.scales), enc.scheme, enc.block,
+        q, scale = fp8_from_int8(src._cols(v.weight), src._cols(v.scales), enc.scheme, enc.block,
                                  _TORCH[enc.scale_dtype], ctx.get("tensor_scale"), ctx["acc"] if measure else None,
                                  out=buf)
         out = [(names[0], r0, q)]

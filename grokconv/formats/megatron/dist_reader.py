@@ -150,7 +150,6 @@ class DistCheckpoint(CheckpointReader):
         super().__init__(root, cfg, list(range(cfg.num_layers)))
         if strict:
             self.require_layers(layers, root)
-        if strict:
             for problem, where in self._problems():
                 raise CheckpointFormatError(problem, path=where)
             self._found = []                 # every check passed: problems() need not run them again

@@ -69,7 +69,6 @@ class MegatronCheckpoint(CheckpointReader):
         super().__init__(root, cfg, list(range(cfg.num_layers)))
         if strict:
             self.require_layers(layers, root)
-        if strict:
             # every rank file's names, shapes and dtypes against the plan, now (pickles only, the
             # tensors stay mapped): a damaged rank file is refused before a conversion writes anything
             for problem, where in self._rank_problems():
